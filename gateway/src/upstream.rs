@@ -1,0 +1,245 @@
+//! Choosing a backend, connecting to it and upgrading the upstream leg.
+#![forbid(unsafe_code)]
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use codec::handshake::{
+    ClientHandshake, HandshakeError, HeadLimits, ServerResponse, UpgradeRequest,
+};
+
+use crate::config::BackendUrl;
+use crate::uring::Stream;
+
+/// Client headers passed to the backend unchanged (the WebSocket ones travel separately).
+const FORWARDED_HEADERS: [&str; 4] = ["Origin", "Cookie", "Authorization", "User-Agent"];
+
+/// Largest non-101 answer (head and body) passed from a backend to the client.
+const MAX_REJECTION: usize = 64 * 1024;
+
+/// A per-core round-robin cursor over the configured backends (per core, so no atomics).
+#[derive(Debug, Default)]
+pub(crate) struct RoundRobin(Cell<usize>);
+
+impl RoundRobin {
+    /// The order in which to try the backends for the next connection.
+    pub(crate) fn order(&self, n: usize) -> impl Iterator<Item = usize> {
+        let start = self.0.get();
+        self.0.set(start.wrapping_add(1));
+        (0..n).map(move |i| (start + i) % n)
+    }
+}
+
+/// A backend that accepted the upgrade.
+pub(crate) struct Upgraded {
+    pub(crate) stream: Stream,
+    /// Bytes after the backend's 101 (frames it sent at once).
+    pub(crate) leftover: Vec<u8>,
+    pub(crate) protocol: Option<String>,
+    pub(crate) extensions: Option<String>,
+    /// Which backend (index into the configuration).
+    pub(crate) backend: usize,
+}
+
+/// Why no upstream leg could be established.
+pub(crate) enum UpstreamError {
+    /// No backend accepted a TCP connection in time.
+    Unreachable,
+    /// A backend answered with something that is not a valid 101.
+    BadHandshake(usize, HandshakeError),
+    /// A backend timed out or dropped the connection during its handshake.
+    HandshakeFailed(usize),
+    /// A backend refused the upgrade; its answer is passed on to the client verbatim.
+    Rejected {
+        /// Which backend.
+        backend: usize,
+        /// Its status code.
+        status: u16,
+        /// Its response head and as much of the body as arrived (at most 64 KiB).
+        response: Vec<u8>,
+    },
+}
+
+impl UpstreamError {
+    /// The status the client sees (a rejection keeps the backend's own).
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            Self::Rejected { status, .. } => *status,
+            Self::Unreachable | Self::BadHandshake(..) | Self::HandshakeFailed(_) => 502,
+        }
+    }
+}
+
+/// The headers the backend receives besides the WebSocket ones.
+fn upstream_headers(req: &UpgradeRequest, client: SocketAddr) -> Vec<(&'static str, Vec<u8>)> {
+    let mut headers: Vec<(&'static str, Vec<u8>)> = FORWARDED_HEADERS
+        .iter()
+        .filter_map(|&name| req.header(name).map(|v| (name, v.to_vec())))
+        .collect();
+    let ip = client.ip().to_string();
+    let xff = match req.header("X-Forwarded-For") {
+        Some(prior) => [prior, b", ", ip.as_bytes()].concat(),
+        None => ip.clone().into_bytes(),
+    };
+    headers.push(("X-Forwarded-For", xff));
+    headers.push(("X-Forwarded-Proto", b"http".to_vec()));
+    headers.push(("X-Forwarded-Host", req.host.clone().into_bytes()));
+    let node = if client.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip
+    };
+    let host = req.host.replace('"', "");
+    headers.push((
+        "Forwarded",
+        format!("for={node};host=\"{host}\";proto=http").into_bytes(),
+    ));
+    headers
+}
+
+/// Connects to the first backend that answers (in round-robin order) and upgrades.
+pub(crate) async fn open(
+    backends: &[BackendUrl],
+    rr: &RoundRobin,
+    req: &UpgradeRequest,
+    client: SocketAddr,
+    connect_timeout: Duration,
+    head_limits: &HeadLimits,
+) -> Result<Upgraded, UpstreamError> {
+    for index in rr.order(backends.len()) {
+        let backend = &backends[index];
+        let Ok(stream) = Stream::connect(backend.addr, connect_timeout).await else {
+            tracing::warn!(backend = %backend, "backend connect failed, trying the next");
+            continue;
+        };
+        drop(stream.set_nodelay());
+        let upgrade = handshake(&stream, backend, req, client, head_limits);
+        return match tokio::time::timeout(connect_timeout, upgrade).await {
+            Ok(Ok((
+                ServerResponse::Upgraded {
+                    protocol,
+                    extensions,
+                },
+                leftover,
+            ))) => Ok(Upgraded {
+                stream,
+                leftover,
+                protocol,
+                extensions,
+                backend: index,
+            }),
+            Ok(Ok((ServerResponse::Rejected { status }, mut response))) => {
+                // Pass the backend's own answer on, with as much body as it sends promptly.
+                let body = async {
+                    while response.len() < MAX_REJECTION {
+                        match stream.read_more(&mut response, 4096).await {
+                            Ok(1..) => {}
+                            _ => break,
+                        }
+                    }
+                };
+                drop(tokio::time::timeout(Duration::from_millis(200), body).await);
+                response.truncate(MAX_REJECTION);
+                Err(UpstreamError::Rejected {
+                    backend: index,
+                    status,
+                    response,
+                })
+            }
+            Ok(Err(Some(e))) => Err(UpstreamError::BadHandshake(index, e)),
+            Ok(Err(None)) | Err(_) => Err(UpstreamError::HandshakeFailed(index)),
+        };
+    }
+    Err(UpstreamError::Unreachable)
+}
+
+/// Sends the upstream request and reads the answer. For a 101 the returned bytes are those
+/// after the head; for a rejection, the whole answer so far.
+async fn handshake(
+    stream: &Stream,
+    backend: &BackendUrl,
+    req: &UpgradeRequest,
+    client: SocketAddr,
+    head_limits: &HeadLimits,
+) -> Result<(ServerResponse, Vec<u8>), Option<HandshakeError>> {
+    let mut hs = ClientHandshake::new();
+    let headers = upstream_headers(req, client);
+    let extra: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+    let path = format!("{}{}", backend.path_prefix, req.path);
+    let mut buf = Vec::with_capacity(1024);
+    hs.write_request(
+        &mut buf,
+        &backend.authority,
+        &path,
+        req.protocols.as_deref(),
+        req.extensions.as_deref(),
+        &extra,
+    );
+    stream.write_all(&mut buf).await.map_err(|_| None)?;
+    loop {
+        match stream.read_more(&mut buf, 1024).await {
+            Ok(1..) => {}
+            _ => return Err(None),
+        }
+        match hs.parse_response(&buf, head_limits) {
+            Ok(None) => {}
+            Ok(Some((response @ ServerResponse::Upgraded { .. }, head))) => {
+                buf.drain(..head);
+                return Ok((response, buf));
+            }
+            Ok(Some((response @ ServerResponse::Rejected { .. }, _))) => {
+                return Ok((response, buf));
+            }
+            Err(e) => return Err(Some(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_rotates_and_covers_all() {
+        let rr = RoundRobin::default();
+        assert_eq!(rr.order(3).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(rr.order(3).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(rr.order(3).collect::<Vec<_>>(), [2, 0, 1]);
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let raw = b"GET /chat?x=1 HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\nOrigin: http://example.com\r\nCookie: a=b\r\n\
+            X-Forwarded-For: 10.0.0.1\r\nX-Secret: no\r\n\r\n";
+        let (req, _) = codec::handshake::parse_request(raw, &HeadLimits::default())
+            .unwrap()
+            .unwrap();
+        let headers = upstream_headers(&req, "192.0.2.7:5555".parse().unwrap());
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(get("Origin").as_deref(), Some("http://example.com"));
+        assert_eq!(get("Cookie").as_deref(), Some("a=b"));
+        assert_eq!(
+            get("X-Forwarded-For").as_deref(),
+            Some("10.0.0.1, 192.0.2.7")
+        );
+        assert_eq!(get("X-Forwarded-Host").as_deref(), Some("example.com"));
+        assert_eq!(
+            get("Forwarded").as_deref(),
+            Some("for=192.0.2.7;host=\"example.com\";proto=http")
+        );
+        assert_eq!(get("X-Secret"), None);
+        let v6 = upstream_headers(&req, "[::1]:5555".parse().unwrap());
+        assert!(
+            v6.iter()
+                .any(|(n, v)| *n == "Forwarded" && v.starts_with(b"for=\"[::1]\""))
+        );
+    }
+}
