@@ -57,8 +57,10 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
         if stream.write_all(&mut out).await.is_err() {
             return;
         }
-        let outcome = crate::echo::serve(&stream, leftover, cfg.limits, cfg.close_timeout).await;
-        access_log(client, &req.path, "echo", started, &outcome);
+        let path = req.path;
+        let outcome =
+            crate::echo::serve(&stream, compact(leftover), cfg.limits, cfg.close_timeout).await;
+        access_log(client, &path, "echo", started, &outcome);
         return;
     }
 
@@ -104,17 +106,20 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
         Mode::Relay { mask_out: false },
     );
     let backend_name = cfg.backends[up.backend].to_string();
+    // Keep only what the access log needs: the request's headers would otherwise live as
+    // long as the connection.
+    let path = req.path;
     let relay = Relay::new(stream, up.stream);
     let outcome = relay
         .run(
             client_fwd,
-            leftover,
+            compact(leftover),
             backend_fwd,
-            up.leftover,
+            compact(up.leftover),
             cfg.close_timeout,
         )
         .await;
-    access_log(client, &req.path, &backend_name, started, &outcome);
+    access_log(client, &path, &backend_name, started, &outcome);
 }
 
 /// Answers a client whose upgrade no backend took: 502, or the backend's own refusal.
@@ -163,6 +168,13 @@ async fn read_request(stream: &Stream, core: &Core) -> ClientHello {
             Err(e) => return ClientHello::Refused(e),
         }
     }
+}
+
+/// Handshake buffers become the relay's first read buffers: trim them to the idle size, since
+/// every idle connection keeps its pending reads' buffers.
+fn compact(mut buf: Vec<u8>) -> Vec<u8> {
+    buf.shrink_to(crate::relay::MIN_READ);
+    buf
 }
 
 fn bad_gateway() -> Vec<u8> {

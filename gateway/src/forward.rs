@@ -219,12 +219,18 @@ impl Forwarder {
         };
         if *remaining == 0 {
             self.state = FrameState::Header;
-            self.frame_start = None;
-            return self
-                .validator
-                .end_frame()
-                .map(|()| Flow::Advanced(0))
-                .map_err(|e| (0, e));
+            let unflushed = self.frame_start.take();
+            return match self.validator.end_frame() {
+                Ok(()) => Ok(Flow::Advanced(0)),
+                Err(e) => {
+                    // Text ending inside a character: take the frame back if it has not left.
+                    if let Some(frame) = unflushed {
+                        out.truncate(frame);
+                        self.frames -= 1;
+                    }
+                    Err((0, e))
+                }
+            };
         }
         let n = (*remaining).min(input.len() as u64) as usize;
         if n == 0 {
@@ -345,8 +351,10 @@ mod tests {
         out
     }
 
-    /// Decodes a stream of frames into (opcode, fin, mask, unmasked payload).
-    fn frames(mut bytes: &[u8], role: Role) -> Vec<(OpCode, bool, Option<[u8; 4]>, Vec<u8>)> {
+    /// A decoded frame: opcode, fin, mask, unmasked payload.
+    type Frame = (OpCode, bool, Option<[u8; 4]>, Vec<u8>);
+
+    fn frames(mut bytes: &[u8], role: Role) -> Vec<Frame> {
         let mut found = Vec::new();
         while !bytes.is_empty() {
             let Ok(Decoded::Header { header, len }) = FrameHeader::decode(bytes, role, 0) else {
@@ -449,6 +457,16 @@ mod tests {
         assert!(matches!(step, Step::Violation(ProtocolError::InvalidUtf8)));
         assert!(!fwd.output_mid_frame());
         assert_eq!(out, [0xAA]);
+    }
+
+    #[test]
+    fn text_ending_mid_character_is_taken_back() {
+        let input = client_frame(true, OpCode::Text, [1, 2, 3, 4], &[b'a', 0xDF]);
+        let mut fwd = Forwarder::new(Role::Server, Limits::default(), false, Mode::Echo);
+        let mut out = Vec::new();
+        let (_, step) = fwd.process(&input, &mut out);
+        assert!(matches!(step, Step::Violation(ProtocolError::InvalidUtf8)));
+        assert!(out.is_empty() && !fwd.output_mid_frame());
     }
 
     #[test]

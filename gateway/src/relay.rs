@@ -181,9 +181,13 @@ impl Relay {
             self.closing.notified().await;
         }
         tokio::time::sleep(timeout).await;
-        let mut outcome = self.outcome.get();
-        outcome.timed_out = true;
-        self.outcome.set(outcome);
+        if self.lifecycle.get() != Lifecycle::Closed {
+            // Only an unfinished handshake counts; a peer slow to drop TCP after a
+            // completed one is merely cut off.
+            let mut outcome = self.outcome.get();
+            outcome.timed_out = true;
+            self.outcome.set(outcome);
+        }
         if let Lifecycle::Closing(side) = self.lifecycle.get() {
             // The other peer never answered `side`'s close: answer it ourselves if the
             // socket is free, so it still sees a clean handshake.

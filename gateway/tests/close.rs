@@ -1,0 +1,179 @@
+//! End-to-end close handling: codes relayed both ways, the gateway closing the client's TCP
+//! after the close handshake, the close timeout, and a failing backend reported as 1014.
+
+pub mod common;
+
+use std::time::{Duration, Instant};
+
+use codec::frame::OpCode;
+use common::{
+    EchoBackend, Gateway, RawBackend, WsBackend, close_frame, connect, drain_to_end, expect_close,
+    raw_client, recv_data, send, within,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The bound on the gateway closing a TCP connection once it may.
+const EOF_BOUND: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_code_reaches_backend_and_reply_comes_back() {
+    let mut backend = EchoBackend::start().await;
+    let gw = Gateway::start(&["--backend", &backend.url()]);
+    let mut client = connect(&gw.url("/close")).await;
+    send(&mut client, Message::Text("hi".into())).await;
+    assert_eq!(recv_data(&mut client).await, Message::Text("hi".into()));
+    let mut up = backend.accept().await;
+
+    within("client close", client.close(Some(close_frame(4000, "bye"))))
+        .await
+        .expect("send close");
+    assert_eq!(
+        up.expect_close().await,
+        Some((4000, "bye".to_owned())),
+        "what the backend saw"
+    );
+    assert_eq!(
+        expect_close(&mut client).await,
+        Some((4000, "bye".to_owned())),
+        "the backend's reply as the client saw it"
+    );
+    drain_to_end(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_close_code_reaches_client() {
+    let mut backend = WsBackend::start(None).await;
+    let gw = Gateway::start(&["--backend", &backend.url()]);
+    let mut client = connect(&gw.url("/close")).await;
+    let mut up = backend.accept().await;
+
+    within(
+        "backend close",
+        up.ws.close(Some(close_frame(1001, "going away"))),
+    )
+    .await
+    .expect("backend sends close");
+    assert_eq!(
+        expect_close(&mut client).await,
+        Some((1001, "going away".to_owned()))
+    );
+    // tungstenite's client replies on its own; the reply reaches the backend.
+    let ((), reply) = tokio::join!(drain_to_end(&mut client), expect_close(&mut up.ws));
+    assert_eq!(
+        reply,
+        Some((1001, "going away".to_owned())),
+        "the client's close reply as the backend saw it"
+    );
+}
+
+/// Client-initiated close through the embedded echo: reply, then the gateway closes the TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_closes_client_tcp_after_client_close() {
+    let gw = Gateway::start(&[]);
+    let (mut client, _) = raw_client(gw.addr, "/", "gw.test", &[]).await;
+    client.send(true, OpCode::Text, b"x").await;
+    assert_eq!(client.read_frame().await.payload, b"x");
+    client.send_close(1000, "done").await;
+    let reply = client.expect_close().await;
+    assert_eq!(reply.close_code(), Some(1000));
+    client.expect_eof(EOF_BOUND).await;
+}
+
+/// Backend-initiated close: the client answers, then the gateway closes the TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_closes_client_tcp_after_backend_close() {
+    let mut backend = WsBackend::start(None).await;
+    let gw = Gateway::start(&["--backend", &backend.url()]);
+    let (mut client, _) = raw_client(gw.addr, "/", "gw.test", &[]).await;
+    let mut up = backend.accept().await;
+    within("backend close", up.ws.close(Some(close_frame(1001, ""))))
+        .await
+        .expect("backend sends close");
+    let close = client.expect_close().await;
+    assert_eq!(close.close_code(), Some(1001));
+    client.send_close(1001, "").await;
+    let ((), reply) = tokio::join!(client.expect_eof(EOF_BOUND), expect_close(&mut up.ws));
+    assert_eq!(
+        reply.map(|c| c.0),
+        Some(1001),
+        "the client's reply at the backend"
+    );
+}
+
+/// A client that never answers the backend's close is dropped after `--close-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_timeout_drops_silent_client() {
+    let mut backend = WsBackend::start(None).await;
+    let gw = Gateway::start(&["--backend", &backend.url(), "--close-timeout", "500ms"]);
+    let (mut client, _) = raw_client(gw.addr, "/", "gw.test", &[]).await;
+    let mut up = backend.accept().await;
+    within("backend close", up.ws.close(Some(close_frame(1000, ""))))
+        .await
+        .expect("backend sends close");
+    let start = Instant::now();
+    assert_eq!(client.expect_close().await.close_code(), Some(1000));
+    // Never reply: the gateway must give up on its own.
+    client.expect_eof(Duration::from_secs(4)).await;
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the TCP was closed after {waited:?}, before the client could answer the close"
+    );
+}
+
+/// A backend whose TCP dies after the first message (no close frame): the client gets 1014.
+///
+/// The client is raw because tungstenite 0.24 does not know 1014 and reports it as 1002.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_dying_mid_stream_gives_1014() {
+    let mut backend = WsBackend::start(None).await;
+    let gw = Gateway::start(&["--backend", &backend.url()]);
+    let (mut client, _) = raw_client(gw.addr, "/die", "gw.test", &[]).await;
+    let mut up = backend.accept().await;
+    client.send(true, OpCode::Text, b"first").await;
+    assert_eq!(
+        recv_data(&mut up.ws).await,
+        Message::Text("first".into()),
+        "the backend got the first message"
+    );
+    drop(up); // drops the TCP stream without a close frame
+    assert_eq!(client.expect_close().await.close_code(), Some(1014));
+    client.send_close(1014, "").await;
+    client.expect_eof(EOF_BOUND).await;
+}
+
+async fn backend_violation_gives_1014(bad: &[u8]) {
+    let mut backend = RawBackend::start().await;
+    let gw = Gateway::start(&["--backend", &backend.url()]);
+    let (mut client, _) = raw_client(gw.addr, "/", "gw.test", &[]).await;
+    let (_, mut up) = backend.accept().await;
+    // A good frame first, so the relay is known to be up.
+    up.send(true, OpCode::Text, b"ok").await;
+    let f = client.read_frame().await;
+    assert_eq!((f.opcode, f.payload.as_slice()), (OpCode::Text, &b"ok"[..]));
+    up.send_raw(bad).await;
+    let close = client.expect_close().await;
+    assert_eq!(
+        close.close_code(),
+        Some(1014),
+        "client close after backend sent {bad:x?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_masked_frame_gives_1014() {
+    let mut masked = Vec::new();
+    codec::frame::write_frame(
+        &mut masked,
+        true,
+        OpCode::Text,
+        Some([1, 2, 3, 4]),
+        b"masked",
+    );
+    backend_violation_gives_1014(&masked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_bad_opcode_gives_1014() {
+    backend_violation_gives_1014(&[0x83, 0x01, b'x']).await;
+}
