@@ -5,6 +5,10 @@
 //! `bench-results/codec.md`. Only `fastwebsockets` exposes its masking function: tungstenite
 //! (`protocol::frame::mask`) and tokio-websockets (`mask::frame`) keep theirs in private
 //! modules, so they are not here.
+#![expect(
+    missing_docs,
+    reason = "criterion_group! generates an undocumented `pub fn benches`"
+)]
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -288,6 +288,46 @@ mod tests {
     }
 
     #[test]
+    fn rfc_examples_fragments_control_and_long() {
+        // A fragmented unmasked text message: "Hel" then "lo".
+        let d = decode(&[0x01, 0x03, b'H', b'e', b'l'], Role::Client).unwrap();
+        assert_eq!(
+            d,
+            Decoded::Header {
+                header: FrameHeader::new(false, OpCode::Text, None, 3),
+                len: 2
+            }
+        );
+        let d = decode(&[0x80, 0x02, b'l', b'o'], Role::Client).unwrap();
+        assert_eq!(
+            d,
+            Decoded::Header {
+                header: FrameHeader::new(true, OpCode::Continuation, None, 2),
+                len: 2
+            }
+        );
+        // Unmasked ping "Hello", and the masked pong that answers it.
+        let d = decode(&[0x89, 0x05, b'H'], Role::Client).unwrap();
+        assert!(matches!(d, Decoded::Header { header, len: 2 } if header.opcode == OpCode::Ping));
+        let pong = [
+            0x8a, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
+        let Ok(Decoded::Header { header, len }) = decode(&pong, Role::Server) else {
+            panic!("pong did not decode")
+        };
+        assert_eq!(
+            (header.opcode, header.payload_len, len),
+            (OpCode::Pong, 5, 6)
+        );
+        let mut payload = pong[len..].to_vec();
+        crate::mask::apply_mask(&mut payload, header.mask.unwrap());
+        assert_eq!(payload, b"Hello");
+        // 64 KiB binary message in a single unmasked frame: 64-bit length.
+        let d = decode(&[0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0], Role::Client).unwrap();
+        assert!(matches!(d, Decoded::Header { header, len: 10 } if header.payload_len == 65536));
+    }
+
+    #[test]
     fn incomplete_reports_needed() {
         assert_eq!(
             decode(&[], Role::Client),

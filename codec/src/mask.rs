@@ -1,23 +1,30 @@
 //! Payload masking (RFC 6455 section 5.3): payload byte `i` becomes `byte ^ key[i % 4]`.
 //!
 //! Every client-to-server payload byte passes through here, so it is one of the gateway's few
-//! hot loops. [`apply_mask`] picks a vector path at run time (detected once, then cached), so
-//! one release binary built without `-C target-cpu=native` still uses the wide registers of
-//! the machine it lands on.
+//! hot loops. [`apply_mask`] picks a path at run time (detected once, then cached), so one
+//! release binary built without `-C target-cpu=native` still uses AVX2 where the CPU has it.
 //!
-//! A hand-written path exists only where `benches/mask.rs` shows it beating the portable
-//! [`MaskPath::Word`] loop, which LLVM already autovectorises for the baseline target; the
-//! numbers and the decision are in `bench-results/codec.md`.
+//! A hand-written path is kept only where `benches/mask.rs` shows it beating the portable
+//! [`MaskPath::Word`] loop, which LLVM already autovectorises for the baseline target
+//! (numbers in `bench-results/codec.md`). So there is one:
+//! - AVX2 (kept): twice the Word loop's throughput from about 256 bytes up, since masking
+//!   is bound by stores and AVX2 stores 32 bytes at a time where baseline SSE2 stores 16;
+//! - SSE2 and NEON (written, measured or inspected, dropped): they are the baseline vector
+//!   sets of x86-64 and aarch64, and LLVM already compiles the Word loop to them (2x16 bytes
+//!   a step), so the hand-written loops were no faster;
+//! - AVX-512 (written, measured, dropped): no faster than AVX2 on the bench machine (both
+//!   hit the same store bandwidth), slower on unaligned payloads and, with its masked tail,
+//!   on small ones; its intrinsics would also need Rust 1.89, above the workspace MSRV.
+//!
+//! Large buffers are first aligned (see `ALIGN_FROM`) so that the main loop's loads and
+//! stores never straddle a cache line.
 //!
 //! This is the one module of the crate allowed `unsafe`: raw-pointer vector loads and stores,
 //! and calls into `#[target_feature]` functions after runtime detection.
-#![cfg_attr(
-    any(target_arch = "x86_64", target_arch = "aarch64"),
-    expect(
-        unsafe_code,
-        reason = "SIMD masking: vector loads/stores through raw pointers and calls into \
-                  #[target_feature] functions, each guarded by runtime CPU detection"
-    )
+#![expect(
+    unsafe_code,
+    reason = "SIMD masking: vector loads/stores through raw pointers and calls into \
+              #[target_feature] functions, each guarded by runtime CPU detection"
 )]
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -29,21 +36,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum MaskPath {
-    /// x86-64 AVX-512 (F + BW): 64 bytes a step, and the sub-64-byte tail in one
-    /// byte-masked load/store instead of a scalar loop.
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
     /// x86-64 AVX2: 32 bytes a step.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// x86-64 SSE2 (part of the x86-64 baseline, so always available there): 16 bytes a step.
-    #[cfg(target_arch = "x86_64")]
-    Sse2,
-    /// aarch64 NEON (mandatory on aarch64): 16 bytes a step.
-    #[cfg(target_arch = "aarch64")]
-    Neon,
-    /// Portable safe code: XOR a `u64` at a time; LLVM autovectorises it for the baseline
-    /// target (SSE2 on x86-64). Always available.
+    /// Portable safe code, a `u64` at a time, which LLVM autovectorises to the target's
+    /// baseline vectors (SSE2 on x86-64, NEON on aarch64). Always available.
     Word,
 }
 
@@ -51,13 +48,7 @@ impl MaskPath {
     /// Every path compiled for this target, in dispatch preference order.
     pub const ALL: &'static [Self] = &[
         #[cfg(target_arch = "x86_64")]
-        Self::Avx512,
-        #[cfg(target_arch = "x86_64")]
         Self::Avx2,
-        #[cfg(target_arch = "x86_64")]
-        Self::Sse2,
-        #[cfg(target_arch = "aarch64")]
-        Self::Neon,
         Self::Word,
     ];
 
@@ -66,33 +57,18 @@ impl MaskPath {
     pub const fn name(self) -> &'static str {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => "avx512",
-            #[cfg(target_arch = "x86_64")]
             Self::Avx2 => "avx2",
-            #[cfg(target_arch = "x86_64")]
-            Self::Sse2 => "sse2",
-            #[cfg(target_arch = "aarch64")]
-            Self::Neon => "neon",
             Self::Word => "word",
         }
     }
 
-    /// Whether the running CPU can execute this path. `std`'s feature detection caches its
-    /// own answer, so this is a few loads, but [`detected`] still caches the final choice.
+    /// Whether the running CPU can execute this path. `std` caches its feature detection,
+    /// so this is cheap, but [`detected`] still caches the final choice.
     #[must_use]
     pub fn is_supported(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-            }
-            #[cfg(target_arch = "x86_64")]
             Self::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
-            #[cfg(target_arch = "x86_64")]
-            Self::Sse2 => std::arch::is_x86_feature_detected!("sse2"),
-            #[cfg(target_arch = "aarch64")]
-            Self::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             Self::Word => true,
         }
     }
@@ -152,6 +128,29 @@ pub fn apply_mask_at(buf: &mut [u8], key: [u8; 4], offset: usize) {
     unsafe { mask_unchecked(path, buf, key) }
 }
 
+/// Masks with a chosen path, for tests and benches that compare paths. Unlike
+/// [`apply_mask_at`] it runs that path at every length, even where the dispatcher would not.
+///
+/// # Panics
+///
+/// If `path` is not supported by this CPU ([`MaskPath::is_supported`]). It panics rather
+/// than falling back so that a test forcing a path never silently checks another one.
+pub fn apply_mask_with(path: MaskPath, buf: &mut [u8], key: [u8; 4], offset: usize) {
+    assert!(
+        path.is_supported(),
+        "mask path {path:?} is not supported by this CPU"
+    );
+    // SAFETY: checked just above.
+    unsafe { mask_unchecked(path, buf, rotate_key(key, offset)) }
+}
+
+/// The bytewise reference implementation that the fast paths are tested against.
+pub fn apply_mask_scalar(buf: &mut [u8], key: [u8; 4], offset: usize) {
+    for (i, byte) in buf.iter_mut().enumerate() {
+        *byte ^= key[(offset + i) % 4];
+    }
+}
+
 /// Below this many bytes [`apply_mask_at`] runs the word loop inline whatever the CPU: the
 /// call into a `#[target_feature]` function (which cannot be inlined into its caller) and
 /// the vector setup cost as much as they save (bench: 16 and 125 bytes).
@@ -159,7 +158,7 @@ const VECTOR_FROM: usize = 128;
 
 /// From this many bytes on, every path first masks up to `ALIGN - 1` bytes so that its main
 /// loop runs on `ALIGN`-aligned addresses: no load or store then straddles a cache line,
-/// which is worth up to 1.6x on unaligned payloads (the usual case: a payload follows a
+/// which is worth up to 1.5x on unaligned payloads (the usual case: a payload follows a
 /// 6 to 14 byte header in the read buffer). Below it the extra head costs more than it saves.
 const ALIGN_FROM: usize = 1024;
 const ALIGN: usize = 32;
@@ -178,28 +177,6 @@ fn split_for_alignment(buf: &mut [u8]) -> (&mut [u8], &mut [u8]) {
     buf.split_at_mut(head)
 }
 
-/// Masks with a chosen path, for tests and benches that compare paths.
-///
-/// # Panics
-///
-/// If `path` is not supported by this CPU ([`MaskPath::is_supported`]). It panics rather
-/// than falling back so that a test forcing a path never silently measures another one.
-pub fn apply_mask_with(path: MaskPath, buf: &mut [u8], key: [u8; 4], offset: usize) {
-    assert!(
-        path.is_supported(),
-        "mask path {path:?} is not supported by this CPU"
-    );
-    // SAFETY: checked just above.
-    unsafe { mask_unchecked(path, buf, rotate_key(key, offset)) }
-}
-
-/// The bytewise reference implementation that the fast paths are tested against.
-pub fn apply_mask_scalar(buf: &mut [u8], key: [u8; 4], offset: usize) {
-    for (i, byte) in buf.iter_mut().enumerate() {
-        *byte ^= key[(offset + i) % 4];
-    }
-}
-
 /// The key as seen from payload byte `offset`: masking from `offset` with `key` is masking
 /// from 0 with the rotated key, which lets every path assume its slice starts at phase 0.
 #[inline]
@@ -216,15 +193,9 @@ const fn rotate_key(key: [u8; 4], offset: usize) -> [u8; 4] {
 #[inline]
 unsafe fn mask_unchecked(path: MaskPath, buf: &mut [u8], key: [u8; 4]) {
     match path {
-        // SAFETY (all four arms): the caller guarantees the CPU has the path's features.
-        #[cfg(target_arch = "x86_64")]
-        MaskPath::Avx512 => unsafe { x86::mask_avx512(buf, key) },
+        // SAFETY: the caller guarantees that the CPU supports AVX2.
         #[cfg(target_arch = "x86_64")]
         MaskPath::Avx2 => unsafe { x86::mask_avx2(buf, key) },
-        #[cfg(target_arch = "x86_64")]
-        MaskPath::Sse2 => unsafe { x86::mask_sse2(buf, key) },
-        #[cfg(target_arch = "aarch64")]
-        MaskPath::Neon => unsafe { arm::mask_neon(buf, key) },
         MaskPath::Word => mask_words(buf, key),
     }
 }
@@ -238,7 +209,7 @@ fn mask_words(buf: &mut [u8], key: [u8; 4]) {
 }
 
 /// XORs a `u64` at a time (LLVM turns the loop into 2x16-byte SSE2 or NEON vectors), then
-/// the last 0 to 7 bytes one by one. Also finishes the heads and tails of the SIMD paths.
+/// the last 0 to 7 bytes one by one. Also masks the heads and tails of the AVX2 path.
 #[inline]
 fn xor_words(buf: &mut [u8], key: [u8; 4]) {
     let key32 = u64::from(u32::from_ne_bytes(key));
@@ -258,48 +229,15 @@ fn xor_words(buf: &mut [u8], key: [u8; 4]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::{
-        __m128i, __m256i, __m512i, _mm_loadu_si128, _mm_set1_epi32, _mm_storeu_si128,
-        _mm_xor_si128, _mm256_loadu_si256, _mm256_set1_epi32, _mm256_storeu_si256,
-        _mm256_xor_si256, _mm512_loadu_si512, _mm512_mask_storeu_epi8, _mm512_maskz_loadu_epi8,
-        _mm512_set1_epi32, _mm512_storeu_si512, _mm512_xor_si512,
+        __m128i, __m256i, _mm_loadu_si128, _mm_storeu_si128, _mm_xor_si128, _mm256_castsi256_si128,
+        _mm256_loadu_si256, _mm256_set1_epi32, _mm256_storeu_si256, _mm256_xor_si256,
     };
 
     use super::{rotate_key, split_for_alignment, xor_words};
 
-    /// # Safety
+    /// 64 bytes a step (two 32-byte vectors: half the loop overhead of one, which shows from
+    /// about 100 to 1000 bytes), then one 32- and one 16-byte step, then words.
     ///
-    /// The CPU must support AVX-512F and AVX-512BW.
-    #[expect(
-        clippy::cast_ptr_alignment,
-        reason = "the cast pointers only feed loadu/storeu"
-    )]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn mask_avx512(buf: &mut [u8], key: [u8; 4]) {
-        let (head, body) = split_for_alignment(buf);
-        xor_words(head, key);
-        let k = _mm512_set1_epi32(i32::from_ne_bytes(rotate_key(key, head.len())));
-        let mut blocks = body.chunks_exact_mut(64);
-        for block in &mut blocks {
-            let p = block.as_mut_ptr().cast::<__m512i>();
-            // SAFETY: `block` is 64 exclusively borrowed bytes; `loadu`/`storeu` accept any
-            // alignment.
-            unsafe { _mm512_storeu_si512(p, _mm512_xor_si512(_mm512_loadu_si512(p), k)) };
-        }
-        let tail = blocks.into_remainder();
-        if !tail.is_empty() {
-            // tail.len() is 1..=63, so the shift cannot overflow.
-            let lanes = (1u64 << tail.len()) - 1;
-            let p = tail.as_mut_ptr().cast::<i8>();
-            // SAFETY: the byte-masked load and store access only the lanes set in `lanes`,
-            // the `tail.len()` exclusively borrowed bytes at `p`; masked-off lanes are not
-            // accessed and cannot fault (AVX-512 fault suppression).
-            unsafe {
-                let v = _mm512_maskz_loadu_epi8(lanes, p);
-                _mm512_mask_storeu_epi8(p, lanes, _mm512_xor_si512(v, k));
-            }
-        }
-    }
-
     /// # Safety
     ///
     /// The CPU must support AVX2.
@@ -313,67 +251,40 @@ mod x86 {
         xor_words(head, key);
         let key = rotate_key(key, head.len());
         let k = _mm256_set1_epi32(i32::from_ne_bytes(key));
-        let mut blocks = body.chunks_exact_mut(32);
+
+        let mut blocks = body.chunks_exact_mut(64);
         for block in &mut blocks {
             let p = block.as_mut_ptr().cast::<__m256i>();
-            // SAFETY: `block` is 32 exclusively borrowed bytes; `loadu`/`storeu` accept any
+            // SAFETY: `block` is 64 exclusively borrowed bytes, so `p` and `p.add(1)` are its
+            // two 32-byte halves, in bounds; `loadu`/`storeu` accept any alignment.
+            unsafe {
+                let (lo, hi) = (p, p.add(1));
+                let (a, b) = (_mm256_loadu_si256(lo), _mm256_loadu_si256(hi));
+                _mm256_storeu_si256(lo, _mm256_xor_si256(a, k));
+                _mm256_storeu_si256(hi, _mm256_xor_si256(b, k));
+            }
+        }
+
+        let mut rest = blocks.into_remainder();
+        if rest.len() >= 32 {
+            let (half, after) = core::mem::take(&mut rest).split_at_mut(32);
+            let p = half.as_mut_ptr().cast::<__m256i>();
+            // SAFETY: `half` is 32 exclusively borrowed bytes; `loadu`/`storeu` accept any
             // alignment.
             unsafe { _mm256_storeu_si256(p, _mm256_xor_si256(_mm256_loadu_si256(p), k)) };
+            rest = after;
         }
-        xor_words(blocks.into_remainder(), key);
-    }
-
-    /// # Safety
-    ///
-    /// The CPU must support SSE2 (always true on x86-64, where it is baseline; intrinsics
-    /// still require the feature to be named on the function).
-    #[expect(
-        clippy::cast_ptr_alignment,
-        reason = "the cast pointers only feed loadu/storeu"
-    )]
-    #[target_feature(enable = "sse2")]
-    pub(super) unsafe fn mask_sse2(buf: &mut [u8], key: [u8; 4]) {
-        let (head, body) = split_for_alignment(buf);
-        xor_words(head, key);
-        let key = rotate_key(key, head.len());
-        let k = _mm_set1_epi32(i32::from_ne_bytes(key));
-        let mut blocks = body.chunks_exact_mut(16);
-        for block in &mut blocks {
-            let p = block.as_mut_ptr().cast::<__m128i>();
-            // SAFETY: `block` is 16 exclusively borrowed bytes; `loadu`/`storeu` accept any
+        if rest.len() >= 16 {
+            let (quarter, after) = core::mem::take(&mut rest).split_at_mut(16);
+            let p = quarter.as_mut_ptr().cast::<__m128i>();
+            let k = _mm256_castsi256_si128(k);
+            // SAFETY: `quarter` is 16 exclusively borrowed bytes; `loadu`/`storeu` accept any
             // alignment.
             unsafe { _mm_storeu_si128(p, _mm_xor_si128(_mm_loadu_si128(p), k)) };
+            rest = after;
         }
-        xor_words(blocks.into_remainder(), key);
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-mod arm {
-    use core::arch::aarch64::{veorq_u8, vld1q_u8, vst1q_u8};
-
-    use super::xor_words;
-
-    /// # Safety
-    ///
-    /// The CPU must support NEON (always true on aarch64, where it is baseline; intrinsics
-    /// still require the feature to be named on the function).
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn mask_neon(buf: &mut [u8], key: [u8; 4]) {
-        let [k0, k1, k2, k3] = key;
-        let pattern = [
-            k0, k1, k2, k3, k0, k1, k2, k3, k0, k1, k2, k3, k0, k1, k2, k3,
-        ];
-        // SAFETY: `pattern` is 16 readable bytes; `vld1q_u8` has no alignment requirement.
-        let k = unsafe { vld1q_u8(pattern.as_ptr()) };
-        let mut blocks = buf.chunks_exact_mut(16);
-        for block in &mut blocks {
-            let p = block.as_mut_ptr();
-            // SAFETY: `block` is 16 exclusively borrowed bytes; `vld1q_u8`/`vst1q_u8` have no
-            // alignment requirement.
-            unsafe { vst1q_u8(p, veorq_u8(vld1q_u8(p), k)) };
-        }
-        xor_words(blocks.into_remainder(), key);
+        // Everything before `rest` was a multiple of 16 bytes, so the key phase is unchanged.
+        xor_words(rest, key);
     }
 }
 

@@ -1,56 +1,48 @@
-//! Command-line options and the validated configuration the workers share.
+//! The gateway's configuration: a TOML file (`--config`, schema in `gateway.example.toml`) or
+//! the CLI shorthand for one route. Everything is validated once, at load, so workers never meet
+//! a bad value and `--check-config` can name every mistake before a deploy.
 #![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "compat: the routes API is read once connection.rs switches to it"
+    )
+)]
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Parser;
+use codec::handshake::HeadLimits;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
-/// A WebSocket reverse proxy that parses and validates every frame.
-///
-/// With no --backend, connections are served by an embedded echo upstream, so
-/// `gateway` alone shows the whole client path working.
-#[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
-pub(crate) struct Args {
-    /// Address to accept WebSocket clients on (each core binds it with `SO_REUSEPORT`).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub(crate) listen: SocketAddr,
+/// The upstream name that means the embedded echo; it cannot name an `[upstream.NAME]`.
+const ECHO: &str = "echo";
+/// The pool name the CLI shorthand gives its `--backend` list (shows up in logs).
+const SHORTHAND_POOL: &str = "default";
 
-    /// Upstream WebSocket server, as ws://host:port[/path]. Repeat for round-robin; on a
-    /// connect failure the next one is tried. None: the embedded echo serves every connection.
-    #[arg(long = "backend", value_name = "URL")]
-    pub(crate) backends: Vec<BackendUrl>,
-
-    /// Worker threads, one pinned io_uring runtime each [default: all available cores].
-    #[arg(long)]
-    pub(crate) cores: Option<usize>,
-
-    /// Time a client has to send a complete upgrade request.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub(crate) handshake_timeout: Duration,
-
-    /// Time to connect to one backend (then the next is tried), and to get its 101.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub(crate) connect_timeout: Duration,
-
-    /// Time a peer has to answer a close frame (or to close TCP) before it is dropped.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub(crate) close_timeout: Duration,
-
-    /// Largest message, and largest frame, in bytes; larger ones close with 1009.
-    #[arg(long, default_value_t = codec::Limits::DEFAULT_MAX)]
-    pub(crate) max_message: u64,
-
-    /// Largest upgrade request head in bytes; larger ones get 431.
-    #[arg(long, default_value_t = 8192)]
-    pub(crate) max_header_bytes: usize,
-}
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+const DEFAULT_MAX_CONNECTIONS_PER_IP: u64 = 256;
+const DEFAULT_WRITE_BUFFER: u64 = 64 << 10;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_EJECT_AFTER: u32 = 3;
+const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(30);
+const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// No valid upgrade request fits in less (the mandatory headers alone take about 150 bytes),
+/// so a smaller `max_header_bytes` is a typo that would refuse every client with 431.
+const MIN_HEADER_BYTES: u64 = 256;
 
 /// A parsed `ws://` backend address.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct BackendUrl {
     /// `host:port` as written, for the upstream `Host` header and logs.
     pub(crate) authority: String,
@@ -63,22 +55,41 @@ pub(crate) struct BackendUrl {
 impl FromStr for BackendUrl {
     type Err = String;
 
+    /// Errors read as "VALUE must be ..." so both clap and the config prefix them with the flag
+    /// or field.
     fn from_str(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url:?}: only ws:// backends are supported"))?;
+        let invalid = || {
+            let hint = if url.starts_with("wss://") {
+                " (wss:// backends are not supported)"
+            } else {
+                ""
+            };
+            format!("{url:?} must be ws://host:port[/path]{hint}")
+        };
+        let rest = url.strip_prefix("ws://").ok_or_else(invalid)?;
         let (authority, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
         };
-        let with_port = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
+        if url.contains(char::is_whitespace) || url.contains(['?', '#', '@']) {
+            return Err(invalid());
+        }
+        // A port is whatever follows the last ':' unless that ':' sits inside an IPv6 literal.
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !authority.ends_with(']') => (host, Some(port)),
+            _ => (authority, None),
         };
+        if host.is_empty() {
+            return Err(invalid());
+        }
+        let port = match port {
+            None => 80,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p != 0 => p,
+                _ => return Err(format!("{url:?}: port {p:?} must be 1 to 65535")),
+            },
+        };
+        let with_port = format!("{host}:{port}");
         let addr = with_port
             .to_socket_addrs()
             .map_err(|e| format!("{url:?}: cannot resolve {with_port}: {e}"))?
@@ -100,61 +111,1135 @@ impl fmt::Display for BackendUrl {
 
 /// Parses `250ms`, `10s`, `2m` (a bare number is seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
+    let trimmed = text.trim();
+    let split = trimmed
         .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 10s"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{text:?}: unit must be ms, s or m")),
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let parsed = number.parse::<u64>().ok().and_then(|n| match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        _ => None,
+    });
+    parsed.ok_or_else(|| format!("{text:?} is not a duration like 250ms, 10s or 2m"))
+}
+
+/// Why a configuration was refused; the message names the field, the value and the reason
+/// (several lines when there are several problems).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
-/// What every connection actor needs to know; shared read-only by all cores.
-#[derive(Debug)]
+impl std::error::Error for ConfigError {}
+
+/// Everything the gateway runs with; built once and shared read-only by all cores.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Config {
+    pub(crate) server: Server,
+    /// Addresses to accept clients on; every core binds each with `SO_REUSEPORT`.
+    pub(crate) listeners: Vec<SocketAddr>,
+    /// The `[limits]` section.
+    // compat: becomes `limits` when connection.rs switches to routes (that name is still taken
+    // by the old per-connection `limits` field below).
+    pub(crate) global_limits: GlobalLimits,
+    pub(crate) timeouts: Timeouts,
+    /// In declaration order, so `route[i]` in error messages is `routes[i]`.
+    pub(crate) routes: Vec<Route>,
+    /// The declared `[upstream.NAME]` pools, sorted by name; [`Upstream::Pool`] indexes this.
+    pub(crate) pools: Vec<Pool>,
+
+    // compat: removed when connection.rs switches to routes. They describe the first route
+    // only, which is the whole config for the CLI shorthand.
     pub(crate) backends: Vec<BackendUrl>,
     pub(crate) handshake_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) close_timeout: Duration,
     pub(crate) limits: codec::Limits,
-    pub(crate) head_limits: codec::handshake::HeadLimits,
+    pub(crate) head_limits: HeadLimits,
+}
+
+/// The `[server]` section: process-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Server {
+    /// Worker threads; `None` means every available core (checked against the machine by main).
+    pub(crate) cores: Option<usize>,
+    /// The admin listener (`/metrics`, `/healthz`, `POST /reload`), off unless configured.
+    pub(crate) admin: Option<SocketAddr>,
+    pub(crate) log_format: LogFormat,
+    /// After SIGTERM/SIGINT, how long open connections get to finish their close handshakes.
+    pub(crate) drain_timeout: Duration,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The `[limits]` section: bounds that apply before a route is known, or to the whole process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GlobalLimits {
+    /// Time a client has to send a complete upgrade request.
+    pub(crate) handshake_timeout: Duration,
+    /// Bounds on the upgrade request head (larger ones get 431).
+    pub(crate) head_limits: HeadLimits,
+    /// Connections across all cores; more are refused with 429 before the upgrade.
+    pub(crate) max_connections: usize,
+    /// Connections from one client IP; more are refused with 429 before the upgrade.
+    pub(crate) max_connections_per_ip: usize,
+    /// Bytes in flight on one leg before its reader is paused (backpressure).
+    pub(crate) write_buffer: usize,
+    /// The message and frame limits a route starts from; [`Route::limits`] is what applies.
+    pub(crate) message: codec::Limits,
+}
+
+/// The `[timeouts]` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timeouts {
+    /// Per backend attempt, for the TCP connect and again for its 101.
+    pub(crate) connect: Duration,
+    /// A peer that does not answer a close frame in time is dropped.
+    pub(crate) close: Duration,
+    /// Close a connection with no frames either way for this long; `None` = never.
+    pub(crate) idle: Option<Duration>,
+    /// Ping each leg this often; `None` = never.
+    pub(crate) ping_interval: Option<Duration>,
+    /// A leg that does not answer a ping in time is dead.
+    pub(crate) pong_timeout: Duration,
+}
+
+/// One `[[route]]`: which requests it takes and where they go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Route {
+    /// `None` matches any host.
+    pub(crate) host: Option<HostPattern>,
+    /// `/` or a path without a trailing slash; matches whole segments (see [`Config::route`]).
+    pub(crate) path_prefix: String,
+    pub(crate) upstream: Upstream,
+    /// Exact `Origin` values allowed; `None` allows any (or none).
+    pub(crate) origins: Option<Vec<String>>,
+    /// The route's own overrides, else `[limits]`.
+    pub(crate) limits: codec::Limits,
+}
+
+impl Route {
+    /// Whether a request with this `Origin` header may upgrade (else 403). With an allow-list,
+    /// a request without `Origin` is refused too: the list is there to admit only those pages.
+    pub(crate) fn allows_origin(&self, origin: Option<&[u8]>) -> bool {
+        match (&self.origins, origin) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(list), Some(origin)) => list.iter().any(|o| o.as_bytes() == origin),
+        }
+    }
+
+    /// `host` without its port.
+    fn matches(&self, host: &str, path: &str) -> bool {
+        self.host.as_ref().is_none_or(|p| p.matches(host))
+            && prefix_matches(&self.path_prefix, path)
+    }
+
+    /// Higher wins: any host pattern beats none, exact beats wildcard, a longer wildcard suffix
+    /// beats a shorter one, then the longer path prefix.
+    fn specificity(&self) -> (u8, usize, usize) {
+        let (class, len) = match &self.host {
+            None => (0, 0),
+            Some(HostPattern::Wildcard(suffix)) => (1, suffix.len()),
+            Some(HostPattern::Exact(_)) => (2, 0),
+        };
+        (class, len, self.path_prefix.len())
+    }
+}
+
+/// A route's `host`, compared case-insensitively with the request's `Host` minus its port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HostPattern {
+    /// `chat.example.com`, stored lowercase.
+    Exact(String),
+    /// `*.example.com`, stored as the lowercase suffix `.example.com`: one or more labels must
+    /// precede it, so it does not match `example.com` itself.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    fn parse(text: &str) -> Result<Self, String> {
+        let lower = text.to_ascii_lowercase();
+        let lower = lower.strip_suffix('.').unwrap_or(&lower);
+        let (name, wildcard) = match lower.strip_prefix("*.") {
+            Some(rest) => (rest, true),
+            None => (lower, false),
+        };
+        if name.contains('*') {
+            return Err(format!(
+                "{text:?}: a wildcard may only be a leading \"*.\", as in \"*.example.com\""
+            ));
+        }
+        let ipv6 = name
+            .strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .is_some_and(|n| n.parse::<Ipv6Addr>().is_ok());
+        if !ipv6 && name.contains(':') {
+            return Err(format!(
+                "{text:?} must not include a port (the request's port is ignored when matching)"
+            ));
+        }
+        let valid_name = !name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !(valid_name || ipv6 && !wildcard) {
+            return Err(format!(
+                "{text:?} must be a host name like \"chat.example.com\" or \"*.example.com\""
+            ));
+        }
+        Ok(if wildcard {
+            Self::Wildcard(format!(".{name}"))
+        } else {
+            Self::Exact(name.to_owned())
+        })
+    }
+
+    /// `host` is the request's host without its port.
+    pub(crate) fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(name) => host.eq_ignore_ascii_case(name),
+            Self::Wildcard(suffix) => {
+                let (host, suffix) = (host.as_bytes(), suffix.as_bytes());
+                host.len() > suffix.len()
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(name) => f.write_str(name),
+            Self::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+/// Where a route's connections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Upstream {
+    /// The embedded echo upstream.
+    Echo,
+    /// An index into [`Config::pools`].
+    Pool(usize),
+}
+
+/// One `[upstream.NAME]`: the backends a route balances over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pool {
+    pub(crate) name: String,
+    /// At least one.
+    pub(crate) backends: Vec<BackendUrl>,
+    pub(crate) balance: Balance,
+    /// Consecutive connect/upgrade failures before a backend is skipped; 0 = never skip.
+    pub(crate) eject_after: u32,
+    /// How long a backend stays skipped.
+    pub(crate) eject_for: Duration,
+    /// Periodic upgrade probes; `None` = off.
+    pub(crate) health: Option<HealthCheck>,
+}
+
+/// How a pool picks the backend to try first (the others follow on failure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Balance {
+    RoundRobin,
+    LeastConnections,
+    /// The same key goes to the same backend while the pool is unchanged.
+    Hash(HashKey),
+}
+
+/// What `balance = "hash"` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HashKey {
+    ClientIp,
+    /// A request header's value (name compared case-insensitively); absent hashes as empty.
+    Header(String),
+    /// A cookie's value; absent hashes as empty.
+    Cookie(String),
+}
+
+/// A periodic WebSocket upgrade probe against each backend of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HealthCheck {
+    pub(crate) interval: Duration,
+    /// Request target of the probe.
+    pub(crate) path: String,
+    /// Time the probe has to get its 101.
+    pub(crate) timeout: Duration,
 }
 
 impl Config {
-    pub(crate) fn from_args(args: &Args) -> Self {
-        Self {
-            backends: args.backends.clone(),
-            handshake_timeout: args.handshake_timeout,
-            connect_timeout: args.connect_timeout,
-            close_timeout: args.close_timeout,
-            limits: codec::Limits::new(args.max_message, args.max_message),
-            head_limits: codec::handshake::HeadLimits {
-                max_bytes: args.max_header_bytes,
-                ..codec::handshake::HeadLimits::default()
+    /// Parses and validates a configuration file's text.
+    pub(crate) fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        // toml's own message carries the line, column and a snippet of the offending line.
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_owned()))?;
+        raw.validate()
+    }
+
+    /// [`Config::from_toml`] on a file; the error starts with the file's path.
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// The CLI shorthand: one listener, one route "/" to one pool (round-robin, no health
+    /// check) or to echo when `backends` is empty; everything else at its default.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one parameter per CLI flag; cli/main is the only caller"
+    )]
+    pub(crate) fn shorthand(
+        listen: SocketAddr,
+        backends: Vec<BackendUrl>,
+        cores: Option<usize>,
+        handshake_timeout: Duration,
+        connect_timeout: Duration,
+        close_timeout: Duration,
+        max_message: u64,
+        max_header_bytes: usize,
+    ) -> Self {
+        let limits = codec::Limits::new(max_message, max_message);
+        let (upstream, pools) = if backends.is_empty() {
+            (Upstream::Echo, Vec::new())
+        } else {
+            let pool = Pool {
+                name: SHORTHAND_POOL.to_owned(),
+                backends,
+                balance: Balance::RoundRobin,
+                eject_after: DEFAULT_EJECT_AFTER,
+                eject_for: DEFAULT_EJECT_FOR,
+                health: None,
+            };
+            (Upstream::Pool(0), vec![pool])
+        };
+        Self::assemble(
+            Server {
+                cores,
+                admin: None,
+                log_format: LogFormat::Text,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             },
+            vec![listen],
+            GlobalLimits {
+                handshake_timeout,
+                head_limits: HeadLimits {
+                    max_bytes: max_header_bytes,
+                    ..HeadLimits::DEFAULT
+                },
+                max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+                max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP as usize,
+                write_buffer: DEFAULT_WRITE_BUFFER as usize,
+                message: limits,
+            },
+            Timeouts {
+                connect: connect_timeout,
+                close: close_timeout,
+                idle: None,
+                ping_interval: None,
+                pong_timeout: DEFAULT_PONG_TIMEOUT,
+            },
+            vec![Route {
+                host: None,
+                path_prefix: "/".to_owned(),
+                upstream,
+                origins: None,
+                limits,
+            }],
+            pools,
+        )
+    }
+
+    // compat: removed when main.rs builds the config itself (shorthand or --config).
+    pub(crate) fn from_args(args: &crate::cli::Args) -> Self {
+        Self::shorthand(
+            args.listen,
+            args.backends.clone(),
+            args.cores,
+            args.handshake_timeout,
+            args.connect_timeout,
+            args.close_timeout,
+            args.max_message,
+            args.max_header_bytes,
+        )
+    }
+
+    /// The route for a request: routes with a matching host pattern beat host-less ones (exact
+    /// host beats wildcard, a longer wildcard beats a shorter one), then the longest matching
+    /// path prefix wins; `None` -> the gateway answers 404.
+    ///
+    /// `host` is the `Host` header as sent (any port is ignored, case does not matter); `path`
+    /// is the request target. A prefix matches whole segments: `/chat` takes `/chat`,
+    /// `/chat/x` and `/chat?q`, not `/chatter`.
+    pub(crate) fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        let host = strip_port(host);
+        // Validation rejects routes with the same host and prefix, so there are no ties.
+        self.routes
+            .iter()
+            .filter(|r| r.matches(host, path))
+            .max_by_key(|r| r.specificity())
+    }
+
+    /// The name to log for an upstream: the pool's name, or "echo".
+    pub(crate) fn upstream_name(&self, upstream: Upstream) -> &str {
+        match upstream {
+            Upstream::Echo => ECHO,
+            Upstream::Pool(i) => &self.pools[i].name,
         }
     }
+
+    fn assemble(
+        server: Server,
+        listeners: Vec<SocketAddr>,
+        global_limits: GlobalLimits,
+        timeouts: Timeouts,
+        routes: Vec<Route>,
+        pools: Vec<Pool>,
+    ) -> Self {
+        // compat: the old single-upstream fields, taken from the first route.
+        let first = routes.first();
+        let backends = match first.map(|r| r.upstream) {
+            Some(Upstream::Pool(i)) => pools[i].backends.clone(),
+            _ => Vec::new(),
+        };
+        let limits = first.map_or(global_limits.message, |r| r.limits);
+        Self {
+            backends,
+            handshake_timeout: global_limits.handshake_timeout,
+            connect_timeout: timeouts.connect,
+            close_timeout: timeouts.close,
+            limits,
+            head_limits: global_limits.head_limits,
+            server,
+            listeners,
+            global_limits,
+            timeouts,
+            routes,
+            pools,
+        }
+    }
+}
+
+/// The request's host without its port (`[::1]:80` keeps its brackets) or a trailing dot.
+fn strip_port(host: &str) -> &str {
+    let host = if host.starts_with('[') {
+        host.find(']').map_or(host, |i| &host[..=i])
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, _)) if !name.contains(':') => name,
+            _ => host,
+        }
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+}
+
+// ---- The file as written: every key optional here, so that defaults and error messages are
+// ---- decided in one place (`validate`) rather than split between serde and the checks.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    server: RawServer,
+    listener: Vec<RawListener>,
+    limits: RawLimits,
+    timeouts: RawTimeouts,
+    route: Vec<RawRoute>,
+    upstream: BTreeMap<String, RawUpstream>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    cores: Option<u64>,
+    admin: Option<String>,
+    log_format: Option<String>,
+    drain_timeout: Option<DurationText>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawListener {
+    address: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    handshake_timeout: Option<DurationText>,
+    max_header_bytes: Option<u64>,
+    max_message: Option<u64>,
+    max_frame: Option<u64>,
+    max_connections: Option<u64>,
+    max_connections_per_ip: Option<u64>,
+    write_buffer: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawTimeouts {
+    connect: Option<DurationText>,
+    close: Option<DurationText>,
+    idle: Option<DurationText>,
+    ping_interval: Option<DurationText>,
+    pong_timeout: Option<DurationText>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawRoute {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    upstream: Option<String>,
+    origins: Option<Vec<String>>,
+    max_message: Option<u64>,
+    max_frame: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    backends: Vec<String>,
+    balance: Option<String>,
+    hash_key: Option<String>,
+    eject_after: Option<u32>,
+    eject_for: Option<DurationText>,
+    health_interval: Option<DurationText>,
+    health_path: Option<String>,
+    health_timeout: Option<DurationText>,
+}
+
+/// A duration as written: a string for [`parse_duration`], or a bare integer (seconds).
+struct DurationText(String);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl Visitor<'_> for Text {
+            type Value = DurationText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like \"250ms\", \"10s\" or \"2m\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationText, E> {
+                u64::try_from(v)
+                    .map(|v| DurationText(v.to_string()))
+                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+            }
+        }
+        deserializer.deserialize_any(Text)
+    }
+}
+
+/// Collects every problem, so one `--check-config` run reports them all.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, field: impl fmt::Display, why: impl fmt::Display) {
+        self.0.push(format!("{field}: {why}"));
+    }
+
+    fn duration(
+        &mut self,
+        field: &str,
+        value: Option<&DurationText>,
+        default: Duration,
+    ) -> Duration {
+        let Some(DurationText(text)) = value else {
+            return default;
+        };
+        parse_duration(text).unwrap_or_else(|e| {
+            self.add(field, e);
+            default
+        })
+    }
+
+    /// A duration that must not be zero (a zero timeout would fail every attempt).
+    fn positive(
+        &mut self,
+        field: &str,
+        value: Option<&DurationText>,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration(field, value, default);
+        if d.is_zero() {
+            let text = value.map_or("0", |t| &t.0);
+            self.add(field, format!("{text:?} must be more than 0"));
+            return default;
+        }
+        d
+    }
+
+    /// A duration where 0 means off.
+    fn optional(&mut self, field: &str, value: Option<&DurationText>) -> Option<Duration> {
+        Some(self.duration(field, value, Duration::ZERO)).filter(|d| !d.is_zero())
+    }
+
+    fn at_least(&mut self, field: &str, value: Option<u64>, default: u64, min: u64) -> u64 {
+        match value {
+            Some(v) if v < min => {
+                self.add(field, format!("{v} must be at least {min}"));
+                default
+            }
+            Some(v) => v,
+            None => default,
+        }
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        let mut lines = self.0;
+        match lines.len() {
+            0 => Ok(value),
+            1 => Err(ConfigError(lines.remove(0))),
+            n => Err(ConfigError(format!(
+                "{n} problems:\n  {}",
+                lines.join("\n  ")
+            ))),
+        }
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut p = Problems::default();
+        let server = self.server.validate(&mut p);
+        let listeners = validate_listeners(&self.listener, server.admin, &mut p);
+        let global_limits = self.limits.validate(&mut p);
+        let timeouts = self.timeouts.validate(&mut p);
+        let pools: Vec<Pool> = self
+            .upstream
+            .iter()
+            .map(|(name, raw)| raw.validate(name, &mut p))
+            .collect();
+        let routes = validate_routes(&self.route, &pools, global_limits.message, &mut p);
+        p.finish(Config::assemble(
+            server,
+            listeners,
+            global_limits,
+            timeouts,
+            routes,
+            pools,
+        ))
+    }
+}
+
+impl RawServer {
+    fn validate(&self, p: &mut Problems) -> Server {
+        let cores = self.cores.map(|n| {
+            if n == 0 {
+                p.add(
+                    "server.cores",
+                    "0 must be at least 1 (omit it to use every available core)",
+                );
+            }
+            n as usize
+        });
+        let admin = self.admin.as_deref().and_then(|a| {
+            a.parse()
+                .map_err(|_| {
+                    p.add(
+                        "server.admin",
+                        format!("{a:?} must be an ip:port address like \"127.0.0.1:9090\""),
+                    );
+                })
+                .ok()
+        });
+        let log_format = match self.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                p.add(
+                    "server.log_format",
+                    format!("{other:?} must be \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
+        let drain_timeout = p.duration(
+            "server.drain_timeout",
+            self.drain_timeout.as_ref(),
+            DEFAULT_DRAIN_TIMEOUT,
+        );
+        Server {
+            cores,
+            admin,
+            log_format,
+            drain_timeout,
+        }
+    }
+}
+
+fn validate_listeners(
+    raw: &[RawListener],
+    admin: Option<SocketAddr>,
+    p: &mut Problems,
+) -> Vec<SocketAddr> {
+    if raw.is_empty() {
+        p.add(
+            "listener",
+            "none declared; add at least one [[listener]] with an address",
+        );
+    }
+    let mut listeners: Vec<SocketAddr> = Vec::with_capacity(raw.len());
+    for (i, l) in raw.iter().enumerate() {
+        let field = format!("listener[{i}].address");
+        let Some(text) = l.address.as_deref() else {
+            p.add(field, "missing; give an ip:port like \"0.0.0.0:8080\"");
+            continue;
+        };
+        let Ok(addr) = text.parse::<SocketAddr>() else {
+            p.add(
+                field,
+                format!("{text:?} must be an ip:port address like \"0.0.0.0:8080\""),
+            );
+            continue;
+        };
+        if let Some(j) = listeners.iter().position(|&other| overlaps(addr, other)) {
+            p.add(
+                field,
+                format!("{text:?} overlaps listener[{j}] ({})", listeners[j]),
+            );
+        }
+        listeners.push(addr);
+    }
+    if let Some(admin) = admin
+        && let Some(j) = listeners.iter().position(|&l| overlaps(admin, l))
+    {
+        p.add(
+            "server.admin",
+            format!("\"{admin}\" overlaps listener[{j}] ({})", listeners[j]),
+        );
+    }
+    listeners
+}
+
+/// Two listeners that would share a port: with `SO_REUSEPORT` the second bind succeeds
+/// silently and the kernel splits clients between them, so catch it here. Port 0 never
+/// overlaps (each gets its own ephemeral port).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+impl RawLimits {
+    fn validate(&self, p: &mut Problems) -> GlobalLimits {
+        let default = codec::Limits::DEFAULT_MAX;
+        let handshake_timeout = p.positive(
+            "limits.handshake_timeout",
+            self.handshake_timeout.as_ref(),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        );
+        let max_bytes = p.at_least(
+            "limits.max_header_bytes",
+            self.max_header_bytes,
+            HeadLimits::DEFAULT.max_bytes as u64,
+            MIN_HEADER_BYTES,
+        );
+        let max_message = p.at_least("limits.max_message", self.max_message, default, 1);
+        let max_frame = p.at_least("limits.max_frame", self.max_frame, default, 1);
+        let max_connections = p.at_least(
+            "limits.max_connections",
+            self.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            1,
+        );
+        let max_connections_per_ip = p.at_least(
+            "limits.max_connections_per_ip",
+            self.max_connections_per_ip,
+            DEFAULT_MAX_CONNECTIONS_PER_IP,
+            1,
+        );
+        let write_buffer = p.at_least(
+            "limits.write_buffer",
+            self.write_buffer,
+            DEFAULT_WRITE_BUFFER,
+            1,
+        );
+        GlobalLimits {
+            handshake_timeout,
+            head_limits: HeadLimits {
+                max_bytes: max_bytes as usize,
+                ..HeadLimits::DEFAULT
+            },
+            max_connections: max_connections as usize,
+            max_connections_per_ip: max_connections_per_ip as usize,
+            write_buffer: write_buffer as usize,
+            message: codec::Limits::new(max_message, max_frame),
+        }
+    }
+}
+
+impl RawTimeouts {
+    fn validate(&self, p: &mut Problems) -> Timeouts {
+        Timeouts {
+            connect: p.positive(
+                "timeouts.connect",
+                self.connect.as_ref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            close: p.positive("timeouts.close", self.close.as_ref(), DEFAULT_CLOSE_TIMEOUT),
+            idle: p.optional("timeouts.idle", self.idle.as_ref()),
+            ping_interval: p.optional("timeouts.ping_interval", self.ping_interval.as_ref()),
+            pong_timeout: p.positive(
+                "timeouts.pong_timeout",
+                self.pong_timeout.as_ref(),
+                DEFAULT_PONG_TIMEOUT,
+            ),
+        }
+    }
+}
+
+/// `upstream.NAME` as a TOML key path (quoted when the name is not a bare key).
+fn upstream_field(name: &str) -> String {
+    if is_bare_name(name) {
+        format!("upstream.{name}")
+    } else {
+        format!("upstream.{name:?}")
+    }
+}
+
+/// Pool names show up in logs and metric labels, so keep them to TOML's bare-key characters.
+fn is_bare_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl RawUpstream {
+    fn validate(&self, name: &str, p: &mut Problems) -> Pool {
+        let at = upstream_field(name);
+        if name.eq_ignore_ascii_case(ECHO) {
+            p.add(
+                &at,
+                format!("the name {name:?} is reserved for the embedded echo upstream"),
+            );
+        } else if !is_bare_name(name) {
+            p.add(&at, "the name must be letters, digits, '-' or '_'");
+        }
+        if self.backends.is_empty() {
+            p.add(
+                format!("{at}.backends"),
+                "empty; list at least one ws://host:port[/path]",
+            );
+        }
+        let mut backends: Vec<BackendUrl> = Vec::with_capacity(self.backends.len());
+        for (i, text) in self.backends.iter().enumerate() {
+            let field = format!("{at}.backends[{i}]");
+            match text.parse::<BackendUrl>() {
+                Ok(b) => {
+                    if let Some(j) = backends.iter().position(|o| o.to_string() == b.to_string()) {
+                        p.add(field, format!("{text:?} repeats backends[{j}]"));
+                    }
+                    backends.push(b);
+                }
+                Err(e) => p.add(field, e),
+            }
+        }
+        let balance = self.balance(&at, p);
+        let eject_after = self.eject_after.unwrap_or(DEFAULT_EJECT_AFTER);
+        let eject_for = if eject_after == 0 {
+            p.duration(
+                &format!("{at}.eject_for"),
+                self.eject_for.as_ref(),
+                DEFAULT_EJECT_FOR,
+            )
+        } else {
+            p.positive(
+                &format!("{at}.eject_for"),
+                self.eject_for.as_ref(),
+                DEFAULT_EJECT_FOR,
+            )
+        };
+        let interval = p.optional(
+            &format!("{at}.health_interval"),
+            self.health_interval.as_ref(),
+        );
+        let path = self.health_path.clone().unwrap_or_else(|| "/".to_owned());
+        if !path.starts_with('/') || path.contains(char::is_whitespace) {
+            p.add(
+                format!("{at}.health_path"),
+                format!("{path:?} must be a request target starting with /"),
+            );
+        }
+        let timeout = p.positive(
+            &format!("{at}.health_timeout"),
+            self.health_timeout.as_ref(),
+            DEFAULT_HEALTH_TIMEOUT,
+        );
+        Pool {
+            name: name.to_owned(),
+            backends,
+            balance,
+            eject_after,
+            eject_for,
+            health: interval.map(|interval| HealthCheck {
+                interval,
+                path,
+                timeout,
+            }),
+        }
+    }
+
+    fn balance(&self, at: &str, p: &mut Problems) -> Balance {
+        let written = self.balance.as_deref().unwrap_or("round-robin");
+        let balance = match written {
+            "round-robin" => Balance::RoundRobin,
+            "least-connections" => Balance::LeastConnections,
+            "hash" => {
+                let key = self
+                    .hash_key
+                    .as_deref()
+                    .map_or(Ok(HashKey::ClientIp), parse_hash_key);
+                Balance::Hash(key.unwrap_or_else(|e| {
+                    p.add(format!("{at}.hash_key"), e);
+                    HashKey::ClientIp
+                }))
+            }
+            other => {
+                p.add(
+                    format!("{at}.balance"),
+                    format!("{other:?} must be round-robin, least-connections or hash"),
+                );
+                return Balance::RoundRobin;
+            }
+        };
+        if let Some(key) = &self.hash_key
+            && !matches!(balance, Balance::Hash(_))
+        {
+            p.add(
+                format!("{at}.hash_key"),
+                format!("{key:?} needs balance = \"hash\" (balance is {written:?})"),
+            );
+        }
+        balance
+    }
+}
+
+fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+    let invalid = || format!("{text:?} must be \"ip\", \"header:NAME\" or \"cookie:NAME\"");
+    if text == "ip" {
+        return Ok(HashKey::ClientIp);
+    }
+    let (kind, name) = text.split_once(':').ok_or_else(invalid)?;
+    if name.is_empty() || !name.bytes().all(is_token_byte) {
+        return Err(format!("{text:?}: {name:?} is not a valid {kind} name"));
+    }
+    match kind {
+        "header" => Ok(HashKey::Header(name.to_owned())),
+        "cookie" => Ok(HashKey::Cookie(name.to_owned())),
+        _ => Err(invalid()),
+    }
+}
+
+/// RFC 9110 `tchar`: what a header or cookie name may contain.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn validate_routes(
+    raw: &[RawRoute],
+    pools: &[Pool],
+    global: codec::Limits,
+    p: &mut Problems,
+) -> Vec<Route> {
+    if raw.is_empty() {
+        p.add(
+            "route",
+            "none declared; add at least one [[route]] (upstream = \"echo\" for the embedded echo)",
+        );
+    }
+    let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let at = format!("route[{i}]");
+        let host = r.host.as_deref().and_then(|h| {
+            HostPattern::parse(h)
+                .map_err(|e| p.add(format!("{at}.host"), e))
+                .ok()
+        });
+        let path_prefix = r.path_prefix.as_deref().map_or_else(
+            || "/".to_owned(),
+            |text| {
+                path_prefix(text).unwrap_or_else(|e| {
+                    p.add(format!("{at}.path_prefix"), e);
+                    "/".to_owned()
+                })
+            },
+        );
+        let upstream = match r.upstream.as_deref() {
+            None => {
+                p.add(
+                    format!("{at}.upstream"),
+                    "missing; name an [upstream.NAME] or \"echo\"",
+                );
+                Upstream::Echo
+            }
+            Some(ECHO) => Upstream::Echo,
+            Some(name) => {
+                if let Some(index) = pools.iter().position(|pool| pool.name == name) {
+                    Upstream::Pool(index)
+                } else {
+                    let declared = if pools.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        let names: Vec<&str> =
+                            pools.iter().map(|pool| pool.name.as_str()).collect();
+                        names.join(", ")
+                    };
+                    p.add(
+                        format!("{at}.upstream"),
+                        format!("{name:?} is not a declared upstream (declared: {declared})"),
+                    );
+                    Upstream::Echo
+                }
+            }
+        };
+        if let Some(origins) = &r.origins {
+            if origins.is_empty() {
+                p.add(
+                    format!("{at}.origins"),
+                    "[] would refuse every client; omit the key to allow any origin",
+                );
+            }
+            for (j, origin) in origins.iter().enumerate() {
+                if let Err(e) = check_origin(origin) {
+                    p.add(format!("{at}.origins[{j}]"), e);
+                }
+            }
+        }
+        let limits = codec::Limits::new(
+            p.at_least(
+                &format!("{at}.max_message"),
+                r.max_message,
+                global.max_message,
+                1,
+            ),
+            p.at_least(&format!("{at}.max_frame"), r.max_frame, global.max_frame, 1),
+        );
+        let route = Route {
+            host,
+            path_prefix,
+            upstream,
+            origins: r.origins.clone(),
+            limits,
+        };
+        if let Some(j) = routes
+            .iter()
+            .position(|o| o.host == route.host && o.path_prefix == route.path_prefix)
+        {
+            let host = route
+                .host
+                .as_ref()
+                .map_or("any".to_owned(), ToString::to_string);
+            p.add(
+                at,
+                format!(
+                    "host {host} and path_prefix {:?} repeat route[{j}], which would always win",
+                    route.path_prefix
+                ),
+            );
+        }
+        routes.push(route);
+    }
+    routes
+}
+
+/// `/chat/` is stored as `/chat`: prefixes match whole segments either way.
+fn path_prefix(text: &str) -> Result<String, String> {
+    if !text.starts_with('/') {
+        return Err(format!("{text:?} must start with /"));
+    }
+    if text.contains(['?', '#']) || text.contains(char::is_whitespace) {
+        return Err(format!(
+            "{text:?} must be a plain path (no query, fragment or spaces)"
+        ));
+    }
+    let trimmed = text.trim_end_matches('/');
+    Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
+}
+
+/// An allow-list entry that can never equal a browser's `Origin` header is a mistake to report.
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "null" {
+        return Ok(());
+    }
+    let well_formed = origin.split_once("://").is_some_and(|(scheme, authority)| {
+        !scheme.is_empty()
+            && !authority.is_empty()
+            && !authority.contains(['/', '?', '#'])
+            && !origin.contains(char::is_whitespace)
+    });
+    if !well_formed {
+        return Err(format!(
+            "{origin:?} must be scheme://host[:port] with no path, as browsers send it"
+        ));
+    }
+    if origin.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "{origin:?} must be lowercase: browsers send origins lowercased, so it never matches"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const EXAMPLE: &str = include_str!("../gateway.example.toml");
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    /// A valid config plus `extra`, so each error test changes one thing.
+    fn with(extra: &str) -> String {
+        format!("[[listener]]\naddress = \"127.0.0.1:8080\"\n{extra}")
+    }
+
+    const ECHO_ROUTE: &str = "[[route]]\nupstream = \"echo\"\n";
+    const CHAT: &str = "[upstream.chat]\nbackends = [\"ws://127.0.0.1:1\"]\n";
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(60) * 2));
         assert!(parse_duration("2h").is_err());
         assert!(parse_duration("s").is_err());
+        assert!(parse_duration(&format!("{}m", u64::MAX)).is_err());
     }
 
     #[test]
@@ -163,8 +1248,491 @@ mod tests {
         assert_eq!(b.addr, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(b.path_prefix, "/chat");
         assert_eq!(b.authority, "127.0.0.1:9001");
+        assert_eq!(b.to_string(), "ws://127.0.0.1:9001/chat");
         let b: BackendUrl = "ws://127.0.0.1".parse().unwrap();
         assert_eq!(b.addr.port(), 80);
-        assert!("http://x".parse::<BackendUrl>().is_err());
+        let b: BackendUrl = "ws://[::1]:9002".parse().unwrap();
+        assert_eq!(b.addr, "[::1]:9002".parse().unwrap());
+        assert_eq!(
+            "http://x".parse::<BackendUrl>(),
+            Err("\"http://x\" must be ws://host:port[/path]".to_owned())
+        );
+        assert!(
+            "wss://x"
+                .parse::<BackendUrl>()
+                .unwrap_err()
+                .contains("wss://")
+        );
+        assert!("ws://:9001".parse::<BackendUrl>().is_err());
+        assert!("ws://h/p?q".parse::<BackendUrl>().is_err());
+        assert!(
+            "ws://127.0.0.1:99999"
+                .parse::<BackendUrl>()
+                .unwrap_err()
+                .contains("port")
+        );
+    }
+
+    #[test]
+    fn example_file_parses_and_says_what_it_means() {
+        let c = Config::from_toml(EXAMPLE).unwrap();
+        assert_eq!(
+            c.server,
+            Server {
+                cores: Some(2),
+                admin: Some("127.0.0.1:9090".parse().unwrap()),
+                log_format: LogFormat::Text,
+                drain_timeout: Duration::from_secs(10),
+            }
+        );
+        assert_eq!(c.listeners, vec!["0.0.0.0:8080".parse().unwrap()]);
+        let l = c.global_limits;
+        assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(l.head_limits.max_bytes, 8192);
+        assert_eq!(l.message, codec::Limits::new(64 << 20, 64 << 20));
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_ip, l.write_buffer),
+            (10_000, 256, 65_536)
+        );
+        assert_eq!(
+            c.timeouts,
+            Timeouts {
+                connect: Duration::from_secs(5),
+                close: Duration::from_secs(5),
+                idle: None,
+                ping_interval: None,
+                pong_timeout: Duration::from_secs(10),
+            }
+        );
+
+        let names: Vec<_> = c.pools.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["chat", "feed"]);
+        let chat = &c.pools[0];
+        assert_eq!(chat.backends.len(), 2);
+        assert_eq!(chat.backends[1].to_string(), "ws://10.0.0.2:9001/prefix");
+        assert_eq!(chat.balance, Balance::RoundRobin);
+        assert_eq!(
+            (chat.eject_after, chat.eject_for),
+            (3, Duration::from_secs(30))
+        );
+        assert_eq!(chat.health, None);
+        let feed = &c.pools[1];
+        assert_eq!(
+            feed.balance,
+            Balance::Hash(HashKey::Header("X-User-Id".to_owned()))
+        );
+        assert_eq!(
+            feed.health,
+            Some(HealthCheck {
+                interval: Duration::from_secs(15),
+                path: "/health".to_owned(),
+                timeout: Duration::from_secs(2),
+            })
+        );
+
+        assert_eq!(c.routes.len(), 3);
+        let chat_route = &c.routes[0];
+        assert_eq!(
+            chat_route.host,
+            Some(HostPattern::Exact("chat.example.com".to_owned()))
+        );
+        assert_eq!(chat_route.path_prefix, "/chat");
+        assert_eq!(chat_route.upstream, Upstream::Pool(0));
+        assert_eq!(
+            chat_route.origins.as_deref(),
+            Some(&["https://chat.example.com".to_owned()][..])
+        );
+        assert_eq!(chat_route.limits, codec::Limits::new(1 << 20, 1 << 20));
+        assert_eq!(c.routes[1].upstream, Upstream::Pool(1));
+        assert_eq!(c.routes[1].limits, l.message);
+        assert_eq!(c.routes[2].upstream, Upstream::Echo);
+        assert_eq!(c.upstream_name(c.routes[1].upstream), "feed");
+        assert_eq!(c.upstream_name(c.routes[2].upstream), "echo");
+
+        let to = |host, path| c.route(host, path).map(|r| c.upstream_name(r.upstream));
+        assert_eq!(to("chat.example.com", "/chat/room?id=1"), Some("chat"));
+        assert_eq!(to("live.example.com:443", "/feed"), Some("feed"));
+        assert_eq!(to("anything", "/echo"), Some("echo"));
+        assert_eq!(to("chat.example.com", "/chatter"), None);
+    }
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let c = Config::from_toml(&with(ECHO_ROUTE)).unwrap();
+        let listen = "127.0.0.1:8080".parse().unwrap();
+        let expected = Config::shorthand(
+            listen,
+            Vec::new(),
+            None,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            DEFAULT_CONNECT_TIMEOUT,
+            DEFAULT_CLOSE_TIMEOUT,
+            codec::Limits::DEFAULT_MAX,
+            HeadLimits::DEFAULT.max_bytes,
+        );
+        assert_eq!(c, expected);
+        assert_eq!(c.server.log_format, LogFormat::Text);
+        assert_eq!(c.server.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.global_limits.max_connections, 10_000);
+        assert_eq!(c.timeouts.pong_timeout, Duration::from_secs(10));
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert_eq!(c.routes[0].limits, codec::Limits::default());
+        assert!(c.routes[0].allows_origin(None));
+    }
+
+    #[test]
+    fn pool_defaults_and_integer_durations() {
+        let c = Config::from_toml(&with(
+            "[[route]]\nupstream = \"a\"\n[upstream.a]\nbackends = [\"ws://127.0.0.1:1\"]\n\
+             eject_after = 0\n[upstream.unused]\nbackends = [\"ws://127.0.0.1:2\"]\n\
+             [timeouts]\nconnect = 7\nidle = \"90s\"\nping_interval = \"250ms\"\n",
+        ))
+        .unwrap();
+        let a = &c.pools[0];
+        assert_eq!(a.balance, Balance::RoundRobin);
+        assert_eq!(a.eject_after, 0, "0 = never eject, allowed");
+        assert_eq!(a.health, None);
+        assert_eq!(c.pools[1].name, "unused", "unused pools are allowed");
+        assert_eq!(c.timeouts.connect, Duration::from_secs(7));
+        assert_eq!(c.timeouts.idle, Some(Duration::from_secs(90)));
+        assert_eq!(c.timeouts.ping_interval, Some(Duration::from_millis(250)));
+        assert_eq!(
+            c.backends, a.backends,
+            "compat fields follow the first route"
+        );
+    }
+
+    #[test]
+    fn errors_name_field_value_and_reason() {
+        let pools = "[upstream.chat]\nbackends = [\"ws://127.0.0.1:1\"]\n\
+                     [upstream.feed]\nbackends = [\"ws://127.0.0.1:2\"]\n";
+        let cases = [
+            (
+                format!(
+                    "{ECHO_ROUTE}[[route]]\npath_prefix = \"/x\"\nupstream = \"chatt\"\n{pools}"
+                ),
+                "route[1].upstream: \"chatt\" is not a declared upstream (declared: chat, feed)",
+            ),
+            (
+                format!("{ECHO_ROUTE}[upstream.chat]\nbackends = [\"http://x\"]\n"),
+                "upstream.chat.backends[0]: \"http://x\" must be ws://host:port[/path]",
+            ),
+            (
+                format!("{ECHO_ROUTE}[limits]\nmax_message = 0\n"),
+                "limits.max_message: 0 must be at least 1",
+            ),
+            (
+                format!("{ECHO_ROUTE}[[listener]]\naddress = \"127.0.0.1:8080\"\n"),
+                "listener[1].address: \"127.0.0.1:8080\" overlaps listener[0] (127.0.0.1:8080)",
+            ),
+            (
+                format!("{ECHO_ROUTE}[[listener]]\naddress = \"0.0.0.0:8080\"\n"),
+                "listener[1].address: \"0.0.0.0:8080\" overlaps listener[0] (127.0.0.1:8080)",
+            ),
+            (
+                format!("{ECHO_ROUTE}[upstream.chat]\nbackends = []\n"),
+                "upstream.chat.backends: empty; list at least one ws://host:port[/path]",
+            ),
+            (
+                format!("{ECHO_ROUTE}{CHAT}hash_key = \"ip\"\n"),
+                r#"upstream.chat.hash_key: "ip" needs balance = "hash" (balance is "round-robin")"#,
+            ),
+            (
+                format!("{ECHO_ROUTE}{CHAT}balance = \"hash\"\nhash_key = \"user\"\n"),
+                r#"upstream.chat.hash_key: "user" must be "ip", "header:NAME" or "cookie:NAME""#,
+            ),
+            (
+                format!("{ECHO_ROUTE}{CHAT}balance = \"random\"\n"),
+                "upstream.chat.balance: \"random\" must be round-robin, least-connections or hash",
+            ),
+            (
+                format!("{ECHO_ROUTE}[upstream.echo]\nbackends = [\"ws://127.0.0.1:1\"]\n"),
+                "upstream.echo: the name \"echo\" is reserved for the embedded echo upstream",
+            ),
+            (
+                format!("{ECHO_ROUTE}[server]\ncores = 0\n"),
+                "server.cores: 0 must be at least 1 (omit it to use every available core)",
+            ),
+            (
+                format!("{ECHO_ROUTE}[server]\nlog_format = \"xml\"\n"),
+                "server.log_format: \"xml\" must be \"text\" or \"json\"",
+            ),
+            (
+                format!("{ECHO_ROUTE}[timeouts]\nconnect = \"5x\"\n"),
+                "timeouts.connect: \"5x\" is not a duration like 250ms, 10s or 2m",
+            ),
+            (
+                format!("{ECHO_ROUTE}[timeouts]\nclose = \"0s\"\n"),
+                "timeouts.close: \"0s\" must be more than 0",
+            ),
+            (
+                format!("{ECHO_ROUTE}{ECHO_ROUTE}"),
+                "route[1]: host any and path_prefix \"/\" repeat route[0], which would always win",
+            ),
+        ];
+        for (text, expected) in &cases {
+            assert_eq!(err(&with(text)), *expected, "for:\n{text}");
+        }
+        // Several problems are reported together, one per line.
+        let many = err(
+            "[[route]]\nupstream = \"echo\"\nhost = \"a.com:80\"\norigins = [\"https://a.com/\"]\n",
+        );
+        assert_eq!(
+            many,
+            "3 problems:\n  \
+             listener: none declared; add at least one [[listener]] with an address\n  \
+             route[0].host: \"a.com:80\" must not include a port (the request's port is \
+             ignored when matching)\n  \
+             route[0].origins[0]: \"https://a.com/\" must be scheme://host[:port] with no \
+             path, as browsers send it"
+        );
+    }
+
+    #[test]
+    fn more_field_errors() {
+        let e = err(&with(
+            "[[route]]\nupstream = \"echo\"\npath_prefix = \"chat\"\n",
+        ));
+        assert_eq!(e, "route[0].path_prefix: \"chat\" must start with /");
+        let e = err(&with(
+            "[[route]]\nupstream = \"echo\"\nhost = \"a.*.com\"\n",
+        ));
+        assert!(
+            e.starts_with("route[0].host: \"a.*.com\": a wildcard"),
+            "{e}"
+        );
+        let e = err(&with("[[route]]\nupstream = \"echo\"\norigins = []\n"));
+        assert!(e.starts_with("route[0].origins: [] would refuse"), "{e}");
+        let e = err(&with("[[route]]\nupstream = \"echo\"\nmax_frame = 0\n"));
+        assert_eq!(e, "route[0].max_frame: 0 must be at least 1");
+        let e = err(&with("[[route]]\nupstream = \"nope\"\n"));
+        assert_eq!(
+            e,
+            "route[0].upstream: \"nope\" is not a declared upstream (declared: none)"
+        );
+        let e = err("[[listener]]\naddress = \"localhost\"\n[[route]]\nupstream = \"echo\"\n");
+        assert!(
+            e.starts_with("listener[0].address: \"localhost\" must be an ip:port"),
+            "{e}"
+        );
+        let e = err(&with(&format!(
+            "{ECHO_ROUTE}[server]\nadmin = \"127.0.0.1:8080\"\n"
+        )));
+        assert!(
+            e.starts_with("server.admin: \"127.0.0.1:8080\" overlaps listener[0]"),
+            "{e}"
+        );
+        let e = err(&with(&format!(
+            "{ECHO_ROUTE}[limits]\nmax_header_bytes = 100\n"
+        )));
+        assert_eq!(e, "limits.max_header_bytes: 100 must be at least 256");
+        let e = err(&with(&format!(
+            "{ECHO_ROUTE}[upstream.a]\nbackends = [\"ws://127.0.0.1:1\", \"ws://127.0.0.1:1/\"]\n"
+        )));
+        assert_eq!(
+            e,
+            "upstream.a.backends[1]: \"ws://127.0.0.1:1/\" repeats backends[0]"
+        );
+        let e = err(&with(&format!(
+            "{ECHO_ROUTE}[upstream.a]\nbackends = [\"ws://127.0.0.1:1\"]\neject_for = \"0s\"\n"
+        )));
+        assert_eq!(e, "upstream.a.eject_for: \"0s\" must be more than 0");
+        let e = err(&with(&format!(
+            "{ECHO_ROUTE}[upstream.a]\nbackends = [\"ws://127.0.0.1:1\"]\nbalance = \"hash\"\n\
+             hash_key = \"header:X User\"\n"
+        )));
+        assert_eq!(
+            e,
+            "upstream.a.hash_key: \"header:X User\": \"X User\" is not a valid header name"
+        );
+    }
+
+    #[test]
+    fn hash_keys() {
+        assert_eq!(parse_hash_key("ip"), Ok(HashKey::ClientIp));
+        assert_eq!(
+            parse_hash_key("header:X-User-Id"),
+            Ok(HashKey::Header("X-User-Id".to_owned()))
+        );
+        assert_eq!(
+            parse_hash_key("cookie:session"),
+            Ok(HashKey::Cookie("session".to_owned()))
+        );
+        assert!(parse_hash_key("cookie:").is_err());
+        assert!(parse_hash_key("query:x").is_err());
+        let c = Config::from_toml(&with(
+            "[[route]]\nupstream = \"a\"\n[upstream.a]\nbackends = [\"ws://127.0.0.1:1\"]\n\
+             balance = \"hash\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.pools[0].balance, Balance::Hash(HashKey::ClientIp));
+    }
+
+    #[test]
+    fn toml_errors_keep_line_and_column() {
+        let e = err(&with("[[route]]\nupstream = \"echo\"\nupsteam = \"x\"\n"));
+        assert!(e.contains("line 5, column 1"), "{e}");
+        assert!(e.contains("unknown field `upsteam`"), "{e}");
+        let e = err(&with("[limits]\nmax_message = \"big\"\n"));
+        assert!(e.contains("line 4, column 15"), "{e}");
+        let e = err("[[listener]\n");
+        assert!(e.contains("line 1"), "{e}");
+        let e = err(&with("[timeouts]\nconnect = -1\n"));
+        assert!(e.contains("line 4") && e.contains("a duration like"), "{e}");
+        let e = err(&with("[sever]\ncores = 1\n"));
+        assert!(e.contains("unknown field `sever`"), "{e}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let path = std::env::temp_dir().join(format!("gateway-config-{}.toml", std::process::id()));
+        std::fs::write(&path, with("[limits]\nmax_message = 0\n") + ECHO_ROUTE).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            e,
+            format!(
+                "{}: limits.max_message: 0 must be at least 1",
+                path.display()
+            )
+        );
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}: cannot read: ", path.display())),
+            "{e}"
+        );
+    }
+
+    fn routes(list: &[(Option<&str>, &str)]) -> Config {
+        let mut text = with("");
+        for (host, prefix) in list {
+            text += "[[route]]\n";
+            if let Some(host) = host {
+                text = text + "host = \"" + host + "\"\n";
+            }
+            text = text + "path_prefix = \"" + prefix + "\"\nupstream = \"echo\"\n";
+        }
+        Config::from_toml(&text).unwrap()
+    }
+
+    /// The index of the route chosen for `host` and `path`.
+    fn pick(c: &Config, host: &str, path: &str) -> Option<usize> {
+        c.route(host, path)
+            .map(|r| c.routes.iter().position(|o| std::ptr::eq(o, r)).unwrap())
+    }
+
+    #[test]
+    fn host_specificity_beats_path_length() {
+        let c = routes(&[
+            (None, "/chat/room"),
+            (Some("*.example.com"), "/"),
+            (Some("chat.example.com"), "/"),
+            (Some("*.eu.example.com"), "/"),
+        ]);
+        assert_eq!(pick(&c, "chat.example.com", "/chat/room"), Some(2));
+        assert_eq!(pick(&c, "feed.example.com", "/chat/room"), Some(1));
+        assert_eq!(
+            pick(&c, "a.eu.example.com", "/"),
+            Some(3),
+            "longer wildcard wins"
+        );
+        assert_eq!(
+            pick(&c, "example.com", "/chat/room"),
+            Some(0),
+            "*. needs a label"
+        );
+        assert_eq!(pick(&c, "other.org", "/chat/room"), Some(0));
+        assert_eq!(pick(&c, "other.org", "/"), None);
+    }
+
+    #[test]
+    fn host_matching_ignores_case_port_and_trailing_dot() {
+        let c = routes(&[
+            (Some("Chat.Example.COM"), "/"),
+            (Some("*.Example.com"), "/w"),
+        ]);
+        assert_eq!(pick(&c, "chat.example.com", "/"), Some(0));
+        assert_eq!(pick(&c, "CHAT.EXAMPLE.COM:8443", "/"), Some(0));
+        assert_eq!(pick(&c, "chat.example.com.", "/"), Some(0));
+        assert_eq!(pick(&c, "A.B.EXAMPLE.COM:80", "/w"), Some(1));
+        assert_eq!(pick(&c, "chat.example.org", "/"), None);
+        let c = routes(&[(Some("[::1]"), "/")]);
+        assert_eq!(pick(&c, "[::1]:8080", "/"), Some(0));
+        assert_eq!(pick(&c, "[::2]:8080", "/"), None);
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries() {
+        let c = routes(&[(None, "/"), (None, "/chat"), (None, "/chat/admin/")]);
+        assert_eq!(
+            c.routes[2].path_prefix, "/chat/admin",
+            "trailing slash is dropped"
+        );
+        assert_eq!(pick(&c, "h", "/chat"), Some(1));
+        assert_eq!(pick(&c, "h", "/chat/"), Some(1));
+        assert_eq!(pick(&c, "h", "/chat/x"), Some(1));
+        assert_eq!(pick(&c, "h", "/chat?q=1"), Some(1));
+        assert_eq!(pick(&c, "h", "/chatter"), Some(0));
+        assert_eq!(pick(&c, "h", "/chat/admin"), Some(2));
+        assert_eq!(pick(&c, "h", "/chat/admin?x"), Some(2));
+        assert_eq!(pick(&c, "h", "/chat/administrator"), Some(1));
+        assert_eq!(pick(&c, "h", "/Chat"), Some(0), "paths are case-sensitive");
+        let c = routes(&[(None, "/chat")]);
+        assert_eq!(pick(&c, "h", "/"), None);
+        assert_eq!(pick(&c, "h", "/chatter"), None);
+    }
+
+    #[test]
+    fn origins() {
+        let c = Config::from_toml(&with(
+            r#"[[route]]
+upstream = "echo"
+origins = ["https://a.com", "http://b.com:8080"]
+"#,
+        ))
+        .unwrap();
+        let r = &c.routes[0];
+        assert!(r.allows_origin(Some(b"https://a.com")));
+        assert!(r.allows_origin(Some(b"http://b.com:8080")));
+        assert!(!r.allows_origin(Some(b"https://evil.com")));
+        assert!(!r.allows_origin(Some(b"https://a.com.evil.com")));
+        assert!(!r.allows_origin(None));
+        assert!(
+            check_origin("https://A.com")
+                .unwrap_err()
+                .contains("lowercase")
+        );
+    }
+
+    #[test]
+    fn shorthand_routes_to_echo_or_one_pool() {
+        let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let s = Duration::from_secs;
+        let echo = Config::shorthand(listen, Vec::new(), Some(1), s(1), s(2), s(3), 1000, 4096);
+        assert_eq!(echo.listeners, vec![listen]);
+        assert_eq!(echo.server.cores, Some(1));
+        assert!(echo.pools.is_empty());
+        assert_eq!(echo.routes.len(), 1);
+        let r = echo.route("anything:1", "/any/path?x").unwrap();
+        assert_eq!(r.upstream, Upstream::Echo);
+        assert_eq!(r.limits, codec::Limits::new(1000, 1000));
+        assert_eq!(echo.global_limits.handshake_timeout, s(1));
+        assert_eq!(echo.global_limits.head_limits.max_bytes, 4096);
+        assert_eq!((echo.timeouts.connect, echo.timeouts.close), (s(2), s(3)));
+
+        let backends: Vec<BackendUrl> = vec![
+            "ws://127.0.0.1:9001".parse().unwrap(),
+            "ws://127.0.0.1:9002/p".parse().unwrap(),
+        ];
+        let pool = Config::shorthand(listen, backends.clone(), None, s(1), s(2), s(3), 1000, 4096);
+        let r = pool.route("h", "/").unwrap();
+        assert_eq!(r.upstream, Upstream::Pool(0));
+        assert_eq!(pool.pools[0].backends, backends);
+        assert_eq!(pool.pools[0].balance, Balance::RoundRobin);
+        assert_eq!(pool.pools[0].health, None);
+        // compat fields
+        assert_eq!(pool.backends, backends);
+        assert_eq!(pool.limits, codec::Limits::new(1000, 1000));
+        assert_eq!(pool.close_timeout, s(3));
     }
 }

@@ -51,17 +51,17 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
         }
     };
 
-    if cfg.backends.is_empty() {
-        let mut out = Vec::new();
-        handshake::write_response(&mut out, &req.key, None, None);
-        if stream.write_all(&mut out).await.is_err() {
-            return;
-        }
-        let path = req.path;
-        let outcome =
-            crate::echo::serve(&stream, compact(leftover), cfg.limits, cfg.close_timeout).await;
-        access_log(client, &path, "echo", started, &outcome);
+    if core.drain.is_draining() {
+        // Accepted just before the drain began: refuse the upgrade rather than start a
+        // WebSocket that would be closed at once.
+        let mut out = unavailable();
+        drop(stream.write_all(&mut out).await);
+        stream.shutdown(Shutdown::Both);
         return;
+    }
+
+    if cfg.backends.is_empty() {
+        return serve_echo(stream, client, req, leftover, &core, started).await;
     }
 
     let upstream = crate::upstream::open(
@@ -109,17 +109,42 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
     // Keep only what the access log needs: the request's headers would otherwise live as
     // long as the connection.
     let path = req.path;
-    let relay = Relay::new(stream, up.stream);
+    let relay = Relay::new(stream, up.stream, core.settings);
     let outcome = relay
         .run(
-            client_fwd,
-            compact(leftover),
-            backend_fwd,
-            compact(up.leftover),
-            cfg.close_timeout,
+            (client_fwd, compact(leftover)),
+            (backend_fwd, compact(up.leftover)),
+            &core.drain,
         )
         .await;
     access_log(client, &path, &backend_name, started, &outcome);
+}
+
+/// Upgrades the client and serves it from the embedded echo.
+async fn serve_echo(
+    stream: Stream,
+    client: SocketAddr,
+    req: UpgradeRequest,
+    leftover: Vec<u8>,
+    core: &Core,
+    started: Instant,
+) {
+    let mut out = Vec::new();
+    handshake::write_response(&mut out, &req.key, None, None);
+    if stream.write_all(&mut out).await.is_err() {
+        return;
+    }
+    let path = req.path;
+    let limits = core.config.limits;
+    let outcome = crate::echo::serve(
+        stream,
+        compact(leftover),
+        limits,
+        core.settings,
+        &core.drain,
+    )
+    .await;
+    access_log(client, &path, "echo", started, &outcome);
 }
 
 /// Answers a client whose upgrade no backend took: 502, or the backend's own refusal.
@@ -175,6 +200,16 @@ async fn read_request(stream: &Stream, core: &Core) -> ClientHello {
 fn compact(mut buf: Vec<u8>) -> Vec<u8> {
     buf.shrink_to(crate::relay::MIN_READ);
     buf
+}
+
+fn unavailable() -> Vec<u8> {
+    let body = "the gateway is shutting down\n";
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n\
+         Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 fn bad_gateway() -> Vec<u8> {

@@ -2,41 +2,123 @@
 //! itself, frame by frame (never buffering a message), validating like any leg.
 //!
 //! It is what `cargo run -p gateway` serves and what the client leg is benchmarked with.
+//! Keepalive, drain and the close timeout work as on a proxied connection.
 #![forbid(unsafe_code)]
 
+use std::cell::Cell;
 use std::net::Shutdown;
-use std::time::Duration;
+use std::time::Instant;
 
-use codec::frame::{OpCode, Role, write_frame};
+use codec::frame::Role;
 use codec::{CloseCode, Limits};
 
-use crate::forward::{Forwarder, Mode, Step};
-use crate::relay::{HOLD, MAX_READ, MIN_READ, Outcome};
+use crate::drain::Drain;
+use crate::forward::{ControlPayload, Forwarder, Mode, Step};
+use crate::keepalive::Verdict;
+use crate::leg::Leg;
+use crate::lifecycle::Side;
+use crate::relay::{MIN_READ, Outcome, Settings};
 use crate::uring::Stream;
 
 /// Echoes until the client closes; `input` holds bytes that arrived with the handshake.
 pub(crate) async fn serve(
-    stream: &Stream,
+    stream: Stream,
+    input: Vec<u8>,
+    limits: Limits,
+    settings: Settings,
+    drain: &Drain,
+) -> Outcome {
+    let leg = Leg::new(stream, Side::Client);
+    let gateway_closed = Cell::new(None);
+    let echo = echo(&leg, input, limits, &settings, &gateway_closed);
+    tokio::pin!(echo);
+    let mut outcome = tokio::select! {
+        outcome = &mut echo => outcome,
+        () = watchdog(&leg, &settings, drain, &gateway_closed) => {
+            leg.stream.shutdown(Shutdown::Both);
+            let mut outcome = echo.await;
+            outcome.timed_out = true;
+            outcome
+        }
+    };
+    leg.stream.shutdown(Shutdown::Both);
+    if let Some(code) = gateway_closed.get() {
+        outcome.close_code = Some(code);
+        outcome.closed_by = Some("gateway");
+    }
+    outcome
+}
+
+/// Keepalive and drain while the client is active, then the close timeout.
+async fn watchdog(leg: &Leg, settings: &Settings, drain: &Drain, closed: &Cell<Option<CloseCode>>) {
+    let keepalive = settings.keepalive;
+    let close = loop {
+        tokio::select! {
+            code = drain.wait() => {
+                let reason = if code == CloseCode::SERVICE_RESTART {
+                    "gateway restarting"
+                } else {
+                    "gateway shutting down"
+                };
+                break ControlPayload::close(code, reason);
+            }
+            () = tokio::time::sleep(keepalive.tick()), if keepalive.enabled() => {
+                let now = Instant::now();
+                if keepalive.is_idle(now, leg.last_seen.get()) {
+                    break ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout");
+                }
+                match keepalive.verdict(now, leg.last_seen.get(), leg.pinged.get()) {
+                    Verdict::Fine => {}
+                    Verdict::Ping => leg.send_ping().await,
+                    Verdict::Dead => break ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
+                }
+            }
+        }
+    };
+    if !leg.close_sent.get() {
+        closed.set(close.close_code());
+        leg.send_close(&close).await;
+    }
+    tokio::time::sleep(settings.close_timeout).await;
+}
+
+/// The echo loop proper: what the client sends comes back, pings get pongs.
+async fn echo(
+    leg: &Leg,
     mut input: Vec<u8>,
     limits: Limits,
-    close_timeout: Duration,
+    settings: &Settings,
+    closed: &Cell<Option<CloseCode>>,
 ) -> Outcome {
     let mut fwd = Forwarder::new(Role::Server, limits, false, Mode::Echo);
     let mut out = Vec::new();
-    let mut read_size = MIN_READ;
+    let mut holding = false;
+    let limit = settings.buffer;
+    let mut read_size = MIN_READ.min(limit);
     let mut outcome = Outcome::default();
-    let mut reply = loop {
+    let reply = loop {
         let (used, step) = fwd.process(&input, &mut out);
         input.drain(..used);
         // Hold an incomplete frame back (as the relay does) so a violation inside it can
         // still be answered with a close frame.
         let flush = !out.is_empty()
-            && (!fwd.output_mid_frame() || out.len() >= HOLD || !matches!(step, Step::NeedInput));
+            && (!fwd.output_mid_frame() || out.len() >= limit || !matches!(step, Step::NeedInput));
         if flush {
-            if stream.write_all(&mut out).await.is_err() {
+            if !holding {
+                leg.lock().await;
+                holding = true;
+            }
+            if leg.close_sent.get() {
+                out.clear();
+            } else if leg.stream.write_all(&mut out).await.is_err() {
                 break None;
             }
             fwd.flushed();
+            leg.partial.set(fwd.output_mid_frame());
+            if !fwd.output_mid_frame() {
+                leg.unlock();
+                holding = false;
+            }
         }
         match step {
             Step::NeedInput => {}
@@ -49,46 +131,47 @@ pub(crate) async fn serve(
             Step::Violation(e) => {
                 outcome.close_code = Some(e.close_code());
                 outcome.closed_by = Some("gateway");
-                break Some(crate::forward::ControlPayload::close(
-                    e.close_code(),
-                    e.as_str(),
-                ));
+                break Some(ControlPayload::close(e.close_code(), e.as_str()));
             }
         }
-        match stream.read_more(&mut input, read_size).await {
+        match leg.stream.read_more(&mut input, read_size).await {
             Ok(0) | Err(_) => {
                 outcome.close_code = Some(CloseCode::ABNORMAL);
                 outcome.closed_by = Some("client");
                 break None;
             }
             Ok(n) => {
-                if n >= read_size && read_size < MAX_READ {
-                    read_size *= 2;
+                leg.last_seen.set(Instant::now());
+                if n >= read_size && read_size < limit {
+                    read_size = (read_size * 2).min(limit);
                 }
             }
         }
     };
-    if fwd.output_mid_frame() {
-        // A frame is half-written: no close frame can follow it, only a FIN.
-        reply = None;
+    if holding {
+        leg.unlock();
     }
     if let Some(payload) = reply {
         let client_closed = outcome.closed_by == Some("client");
-        write_frame(&mut out, true, OpCode::Close, None, payload.bytes());
-        if stream.write_all(&mut out).await.is_ok() && !client_closed {
+        if client_closed && closed.get().is_some() {
+            // The client answered the gateway's own close: the handshake is complete.
+        } else {
+            leg.send_close(&payload).await;
+        }
+        if !client_closed {
             // We failed the connection: FIN after our close, then give the client a bounded
             // moment to answer and close its side before the socket goes.
-            stream.shutdown(Shutdown::Write);
+            leg.stream.shutdown(Shutdown::Write);
             let drain = async {
                 input.clear();
-                while let Ok(1..) = stream.read_more(&mut input, MIN_READ).await {
+                while let Ok(1..) = leg.stream.read_more(&mut input, MIN_READ).await {
                     input.clear();
                 }
             };
-            drop(tokio::time::timeout(close_timeout, drain).await);
+            drop(tokio::time::timeout(settings.close_timeout, drain).await);
         }
     }
-    stream.shutdown(Shutdown::Both);
+    leg.stream.shutdown(Shutdown::Both);
     outcome.bytes_in = fwd.payload_bytes;
     outcome.bytes_out = fwd.payload_bytes;
     outcome

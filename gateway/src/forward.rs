@@ -12,6 +12,8 @@ use codec::frame::{Decoded, FrameHeader, MAX_HEADER_LEN, OpCode, Role, write_fra
 use codec::message::{Limits, MessageValidator, PayloadKind};
 use codec::{ProtocolError, mask};
 
+use crate::leg::KEEPALIVE_PAYLOAD;
+
 /// A validated control-frame payload (a close frame's code and reason, or ping data).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ControlPayload {
@@ -318,6 +320,8 @@ impl Forwarder {
                 self.frames += 1;
             }
             (OpCode::Pong, Mode::Echo) => {}
+            // The answer to the gateway's own keepalive ping: not the other peer's business.
+            (OpCode::Pong, Mode::Relay { .. }) if control.bytes() == KEEPALIVE_PAYLOAD => {}
             (_, Mode::Relay { .. }) => {
                 write_frame(out, true, opcode, self.out_key(), control.bytes());
                 self.frames += 1;

@@ -2,12 +2,21 @@
 //! every frame it relays.
 #![forbid(unsafe_code)]
 
+mod admin;
+mod balance;
+mod cli;
 mod config;
 mod connection;
+mod drain;
 mod echo;
 mod forward;
+mod health;
+mod keepalive;
+mod leg;
 mod lifecycle;
+mod metrics;
 mod relay;
+mod signals;
 mod upstream;
 mod uring;
 mod worker;
@@ -18,7 +27,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use crate::config::{Args, Config};
+use crate::cli::Args;
+use crate::config::Config;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -54,6 +64,9 @@ fn run(args: &Args) -> Result<(), String> {
             "--cores {cores}: this machine has {available} core(s) available"
         ));
     }
+    // Take the signals before anything starts, so an early SIGTERM drains instead of killing.
+    let signals =
+        signals::Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     // Bind every core's listener up front, so errors surface before anything starts and a
     // `:0` port resolves once for all cores.
     let first = uring::bind_reuseport(args.listen, BACKLOG)
@@ -72,27 +85,49 @@ fn run(args: &Args) -> Result<(), String> {
         tracing::info!("no --backend given: serving the embedded echo upstream");
     }
     let config = Arc::new(Config::from_args(args));
+    let settings = relay::Settings {
+        close_timeout: args.close_timeout,
+        keepalive: keepalive::Keepalive {
+            ping_interval: args.ping_interval,
+            pong_timeout: args.pong_timeout,
+            idle: args.idle_timeout,
+        },
+        buffer: args.write_buffer.max(relay::MIN_READ),
+    };
+    let (phase, phase_rx) = tokio::sync::watch::channel(drain::Phase::Running);
     let workers: Vec<_> = listeners
         .into_iter()
         .enumerate()
-        .map(|(i, listener)| {
-            let config = Arc::clone(&config);
-            let core = core_ids.get(i).copied();
+        .map(|(index, listener)| {
+            let worker = worker::WorkerArgs {
+                index,
+                listener,
+                config: Arc::clone(&config),
+                settings,
+                phase: phase_rx.clone(),
+                drain_timeout: args.drain_timeout,
+            };
+            let core = core_ids.get(index).copied();
             std::thread::Builder::new()
-                .name(format!("gateway-core-{i}"))
+                .name(format!("gateway-core-{index}"))
                 .spawn(move || {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    worker::run(listener, config);
+                    worker::run(worker);
                 })
                 .map_err(|e| format!("cannot start worker thread: {e}"))
         })
         .collect::<Result<_, _>>()?;
+    let code = signals.wait(&|| tracing::warn!("SIGHUP: reload needs --config; nothing to reload"));
+    tracing::info!(close_code = code.get(), drain_timeout = ?args.drain_timeout, "draining");
+    // Workers exit once their connections are closed or the drain timeout passes.
+    phase.send_replace(drain::Phase::Draining(code));
     for worker in workers {
         worker
             .join()
             .map_err(|_| "a worker thread panicked".to_owned())?;
     }
+    tracing::info!("drained, exiting");
     Ok(())
 }

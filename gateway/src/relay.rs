@@ -2,84 +2,42 @@
 //!
 //! One pump per direction reads its peer, pushes the bytes through a [`Forwarder`] and
 //! writes the result to the other peer. A pump holds the destination's write lock from the
-//! start of a frame to its end, so a close frame sent by the other pump (after a violation)
-//! never lands inside a frame. Buffers are bounded per direction: a pump does not read again
-//! until its last batch is written, so a slow reader stalls only its own connection.
+//! start of a frame to its end, so a close frame or ping sent by another task never lands
+//! inside a frame. Buffers are bounded per direction: a pump does not read again until its
+//! last batch is written, so a slow reader stalls only its own connection. A watchdog beside
+//! the pumps runs keepalive, drain and the close timeout.
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
 use std::net::Shutdown;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use codec::CloseCode;
-use codec::frame::{OpCode, write_frame};
 use tokio::sync::Notify;
 
+use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Step};
+use crate::keepalive::{Keepalive, Verdict};
+use crate::leg::Leg;
 use crate::lifecycle::{Lifecycle, OnClose, Side};
 use crate::uring::Stream;
 
 /// Reads start this small so an idle connection pins little memory under io_uring (a pending
 /// read owns its buffer), and grow while reads keep filling them.
 pub(crate) const MIN_READ: usize = 512;
-/// The largest read buffer per direction.
-pub(crate) const MAX_READ: usize = 64 * 1024;
-/// Output held back while a data frame is incomplete; past it the frame streams on.
-pub(crate) const HOLD: usize = 64 * 1024;
+/// The default bound on bytes buffered per direction (read buffer, held-back frame).
+pub(crate) const DEFAULT_BUFFER: usize = 64 * 1024;
 
-/// One peer's socket with what the relay needs to write to it safely.
-pub(crate) struct Leg {
-    stream: Stream,
-    side: Side,
-    /// A pump is writing a frame to this peer.
-    busy: Cell<bool>,
-    idle: Notify,
-    /// A close frame was written to this peer: nothing more may follow it.
-    close_sent: Cell<bool>,
-    /// The bytes written to this peer stop inside a frame: a close frame cannot follow.
-    partial: Cell<bool>,
-}
-
-impl Leg {
-    pub(crate) fn new(stream: Stream, side: Side) -> Self {
-        Self {
-            stream,
-            side,
-            busy: Cell::new(false),
-            idle: Notify::new(),
-            close_sent: Cell::new(false),
-            partial: Cell::new(false),
-        }
-    }
-
-    async fn lock(&self) {
-        while self.busy.get() {
-            self.idle.notified().await;
-        }
-        self.busy.set(true);
-    }
-
-    fn unlock(&self) {
-        self.busy.set(false);
-        self.idle.notify_one();
-    }
-
-    /// Writes a close frame (masked toward a backend) unless one was already sent. If a
-    /// frame to this peer is half-written, no frame can follow it: the peer gets a FIN.
-    async fn send_close(&self, payload: &ControlPayload) {
-        self.lock().await;
-        if self.partial.get() {
-            self.close_sent.set(true);
-            self.stream.shutdown(Shutdown::Write);
-        } else if !self.close_sent.replace(true) {
-            let mask = (self.side == Side::Backend).then(rand::random);
-            let mut frame = Vec::with_capacity(2 + 4 + payload.bytes().len());
-            write_frame(&mut frame, true, OpCode::Close, mask, payload.bytes());
-            // A peer that cannot take a close frame is gone; the pumps notice on their own.
-            drop(self.stream.write_all(&mut frame).await);
-        }
-        self.unlock();
-    }
+/// Per-connection settings of the relay and the echo.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    /// Time a peer has to answer a close frame.
+    pub(crate) close_timeout: Duration,
+    /// Pings, pong deadline, idle timeout.
+    pub(crate) keepalive: Keepalive,
+    /// Bytes buffered per direction at most: the largest read, and the largest incomplete
+    /// frame held back before it streams on.
+    pub(crate) buffer: usize,
 }
 
 /// How a connection ended, for the access log.
@@ -97,10 +55,22 @@ pub(crate) struct Outcome {
     pub(crate) timed_out: bool,
 }
 
+/// Why the gateway closes a connection on its own (besides protocol violations).
+#[derive(Clone, Copy, Debug)]
+enum GatewayClose {
+    /// A drain: both peers get this code.
+    Drain(CloseCode),
+    /// This peer stopped answering pings.
+    Dead(Side),
+    /// Neither peer sent anything for the idle timeout.
+    Idle,
+}
+
 /// A proxied connection after both upgrades.
 pub(crate) struct Relay {
     client: Leg,
     backend: Leg,
+    settings: Settings,
     lifecycle: Cell<Lifecycle>,
     /// Signalled when the lifecycle leaves `Open`, which starts the close timeout.
     closing: Notify,
@@ -108,10 +78,11 @@ pub(crate) struct Relay {
 }
 
 impl Relay {
-    pub(crate) fn new(client: Stream, backend: Stream) -> Self {
+    pub(crate) fn new(client: Stream, backend: Stream, settings: Settings) -> Self {
         Self {
             client: Leg::new(client, Side::Client),
             backend: Leg::new(backend, Side::Backend),
+            settings,
             lifecycle: Cell::new(Lifecycle::Open),
             closing: Notify::new(),
             outcome: Cell::new(Outcome::default()),
@@ -143,22 +114,20 @@ impl Relay {
     /// Relays until both directions are done or the close timeout expires.
     pub(crate) async fn run(
         &self,
-        client_fwd: Forwarder,
-        client_leftover: Vec<u8>,
-        backend_fwd: Forwarder,
-        backend_leftover: Vec<u8>,
-        close_timeout: Duration,
+        client: (Forwarder, Vec<u8>),
+        backend: (Forwarder, Vec<u8>),
+        drain: &Drain,
     ) -> Outcome {
         let pumps = async {
             tokio::join!(
-                self.pump(Side::Client, client_fwd, client_leftover),
-                self.pump(Side::Backend, backend_fwd, backend_leftover)
+                self.pump(Side::Client, client.0, client.1),
+                self.pump(Side::Backend, backend.0, backend.1)
             )
         };
         tokio::pin!(pumps);
         let (a, b) = tokio::select! {
             done = &mut pumps => done,
-            () = self.close_watchdog(close_timeout) => {
+            () = self.watchdog(drain) => {
                 // Reads and writes in flight complete (with EOF or EPIPE) once the sockets
                 // are shut down; the pumps then end on their own.
                 self.client.stream.shutdown(Shutdown::Both);
@@ -174,13 +143,23 @@ impl Relay {
         outcome
     }
 
-    /// Waits for the close handshake to start, then for the close timeout; a peer still
-    /// waiting for a reply then gets one from the gateway.
-    async fn close_watchdog(&self, timeout: Duration) {
-        if self.lifecycle.get().is_open() {
-            self.closing.notified().await;
+    /// While the connection is open: keepalive pings and verdicts, and the drain signal.
+    /// Once it is closing: the close timeout, after which a peer still waiting for a reply
+    /// gets one from the gateway. Returns when the sockets should be shut down.
+    async fn watchdog(&self, drain: &Drain) {
+        let keepalive = self.settings.keepalive;
+        while self.lifecycle.get().is_open() {
+            tokio::select! {
+                () = self.closing.notified() => {}
+                code = drain.wait() => self.gateway_close(GatewayClose::Drain(code)).await,
+                () = tokio::time::sleep(keepalive.tick()), if keepalive.enabled() => {
+                    if let Some(why) = self.keepalive_check(&keepalive).await {
+                        self.gateway_close(why).await;
+                    }
+                }
+            }
         }
-        tokio::time::sleep(timeout).await;
+        tokio::time::sleep(self.settings.close_timeout).await;
         if self.lifecycle.get() != Lifecycle::Closed {
             // Only an unfinished handshake counts; a peer slow to drop TCP after a
             // completed one is merely cut off.
@@ -192,10 +171,71 @@ impl Relay {
             // The other peer never answered `side`'s close: answer it ourselves if the
             // socket is free, so it still sees a clean handshake.
             let leg = self.leg(side);
-            if !leg.busy.get() {
+            if !leg.is_busy() {
                 let reply = ControlPayload::close(CloseCode::BAD_GATEWAY, "close timeout");
                 leg.send_close(&reply).await;
             }
+        }
+    }
+
+    /// Pings legs that are due and reports a dead leg or an idle connection.
+    async fn keepalive_check(&self, keepalive: &Keepalive) -> Option<GatewayClose> {
+        let now = Instant::now();
+        let latest = self
+            .client
+            .last_seen
+            .get()
+            .max(self.backend.last_seen.get());
+        if keepalive.is_idle(now, latest) {
+            return Some(GatewayClose::Idle);
+        }
+        for leg in [&self.client, &self.backend] {
+            match keepalive.verdict(now, leg.last_seen.get(), leg.pinged.get()) {
+                Verdict::Fine => {}
+                Verdict::Ping => leg.send_ping().await,
+                Verdict::Dead => return Some(GatewayClose::Dead(leg.side)),
+            }
+        }
+        None
+    }
+
+    /// Closes both peers on the gateway's own initiative; their replies are absorbed.
+    async fn gateway_close(&self, why: GatewayClose) {
+        if !self.lifecycle.get().is_open() {
+            return;
+        }
+        let (to_client, to_backend) = match why {
+            GatewayClose::Drain(code) => {
+                let reason = if code == CloseCode::SERVICE_RESTART {
+                    "gateway restarting"
+                } else {
+                    "gateway shutting down"
+                };
+                (
+                    ControlPayload::close(code, reason),
+                    ControlPayload::close(code, reason),
+                )
+            }
+            GatewayClose::Dead(Side::Client) => (
+                ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
+                ControlPayload::close(CloseCode::GOING_AWAY, "client stopped answering"),
+            ),
+            GatewayClose::Dead(Side::Backend) => (
+                ControlPayload::close(CloseCode::INTERNAL_ERROR, "backend stopped answering"),
+                ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
+            ),
+            GatewayClose::Idle => (
+                ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout"),
+                ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout"),
+            ),
+        };
+        self.record_close(to_client.close_code(), "gateway");
+        self.set_lifecycle(Lifecycle::Failed);
+        self.client.send_close(&to_client).await;
+        self.backend.send_close(&to_backend).await;
+        if let GatewayClose::Dead(side) = why {
+            // Half-open: nothing will come back from it.
+            self.leg(side).stream.shutdown(Shutdown::Both);
         }
     }
 
@@ -203,17 +243,18 @@ impl Relay {
     async fn pump(&self, from: Side, mut fwd: Forwarder, mut input: Vec<u8>) -> u64 {
         let src = self.leg(from);
         let dst = self.leg(from.other());
+        let limit = self.settings.buffer;
         let mut out = Vec::new();
         let mut holding = false;
-        let mut read_size = MIN_READ;
+        let mut read_size = MIN_READ.min(limit);
         let end = loop {
             let (used, step) = fwd.process(&input, &mut out);
             input.drain(..used);
-            // A frame still arriving is held back (up to HOLD bytes) so that a violation
-            // inside it can still be answered with a clean close frame.
+            // A frame still arriving is held back (up to the buffer bound) so that a
+            // violation inside it can still be answered with a clean close frame.
             let flush = !out.is_empty()
                 && (!fwd.output_mid_frame()
-                    || out.len() >= HOLD
+                    || out.len() >= limit
                     || !matches!(step, Step::NeedInput));
             if flush {
                 if !holding {
@@ -243,8 +284,9 @@ impl Relay {
             match src.stream.read_more(&mut input, read_size).await {
                 Ok(0) | Err(_) => break End::Gone(from),
                 Ok(n) => {
-                    if n >= read_size && read_size < MAX_READ {
-                        read_size *= 2;
+                    src.last_seen.set(Instant::now());
+                    if n >= read_size && read_size < limit {
+                        read_size = (read_size * 2).min(limit);
                     }
                 }
             }
@@ -284,7 +326,7 @@ impl Relay {
         if from == Side::Backend {
             // The backend, as the server, closes TCP first: wait for it (bounded by the
             // close timeout) rather than leave TIME_WAIT sockets on the gateway.
-            self.drain(Side::Backend).await;
+            self.drain_socket(Side::Backend).await;
         }
     }
 
@@ -302,7 +344,7 @@ impl Relay {
         leg.send_close(&ControlPayload::close(code, reason)).await;
         // FIN after the close frame, then wait for the violator to close (bounded).
         leg.stream.shutdown(Shutdown::Write);
-        self.drain(violator).await;
+        self.drain_socket(violator).await;
     }
 
     /// `side` went away (EOF or an I/O error) without a close frame.
@@ -324,7 +366,7 @@ impl Relay {
     }
 
     /// Reads and discards until `side` closes TCP (or the watchdog shuts the socket).
-    async fn drain(&self, side: Side) {
+    async fn drain_socket(&self, side: Side) {
         let leg = self.leg(side);
         let mut sink = Vec::with_capacity(MIN_READ);
         while let Ok(1..) = leg.stream.read_more(&mut sink, MIN_READ).await {

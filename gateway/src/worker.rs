@@ -7,45 +7,118 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use crate::config::Config;
+use crate::drain::{Drain, Phase};
+use crate::relay::Settings;
 use crate::upstream::RoundRobin;
 use crate::uring::{self, Listener};
 
 /// Per-core state. `!Send` on purpose: it belongs to one core's runtime.
 pub(crate) struct Core {
     pub(crate) config: Arc<Config>,
+    pub(crate) settings: Settings,
     pub(crate) round_robin: RoundRobin,
+    pub(crate) drain: Rc<Drain>,
     _not_send: PhantomData<Rc<()>>,
 }
 
-/// Accepts and serves connections on this thread until the process exits.
-pub(crate) fn run(listener: std::net::TcpListener, config: Arc<Config>) {
+/// What every worker is started with.
+pub(crate) struct WorkerArgs {
+    pub(crate) index: usize,
+    pub(crate) listener: std::net::TcpListener,
+    pub(crate) config: Arc<Config>,
+    pub(crate) settings: Settings,
+    pub(crate) phase: watch::Receiver<Phase>,
+    pub(crate) drain_timeout: Duration,
+}
+
+/// Accepts and serves connections on this thread until a drain completes.
+pub(crate) fn run(args: WorkerArgs) {
+    let WorkerArgs {
+        index,
+        listener,
+        config,
+        settings,
+        mut phase,
+        drain_timeout,
+    } = args;
+    // A second handle on the listening socket: shutting it down on drain wakes the pending
+    // accept and stops the kernel queueing new connections here.
+    let control = listener.try_clone().ok();
     uring::run(async move {
         let listener = Listener::from_std(listener);
         let core = Rc::new(Core {
             config,
+            settings,
             round_robin: RoundRobin::default(),
+            drain: Rc::new(Drain::default()),
             _not_send: PhantomData,
         });
-        let mut last_warning: Option<Instant> = None;
-        loop {
-            match listener.accept().await {
-                Ok((stream, client)) => {
-                    uring::spawn(crate::connection::serve(stream, client, Rc::clone(&core)));
+        let close_code = tokio::select! {
+            () = accept_loop(&listener, &core) => return,
+            requested = draining(&mut phase) => requested,
+        };
+        if let Some(control) = &control {
+            drop(socket2::SockRef::from(control).shutdown(std::net::Shutdown::Both));
+        }
+        drop(listener);
+        let live = core.drain.active();
+        core.drain.start(close_code);
+        tracing::info!(
+            core = index,
+            connections = live,
+            close_code = close_code.get(),
+            "draining"
+        );
+        let done = tokio::time::timeout(drain_timeout, core.drain.all_closed()).await;
+        tracing::info!(
+            core = index,
+            left = core.drain.active(),
+            timed_out = done.is_err(),
+            "drained"
+        );
+    });
+}
+
+/// Resolves with the close code when the process starts draining.
+async fn draining(phase: &mut watch::Receiver<Phase>) -> codec::CloseCode {
+    loop {
+        if let Phase::Draining(code) = *phase.borrow_and_update() {
+            return code;
+        }
+        if phase.changed().await.is_err() {
+            // The controller is gone: nobody can ask for a drain any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn accept_loop(listener: &Listener, core: &Rc<Core>) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok((stream, client)) => {
+                let live = core.drain.enter();
+                let core = Rc::clone(core);
+                uring::spawn(async move {
+                    crate::connection::serve(stream, client, core).await;
+                    drop(live);
+                });
+            }
+            Err(e) => {
+                // EMFILE/ENFILE: the descriptor limit is reached. Say so (once a second at
+                // most), back off briefly, and keep serving the connections we have.
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                    let limit = nofile_limit();
+                    tracing::warn!(error = %e, nofile_limit = limit, "accept failed (descriptor limit?)");
+                    last_warning = Some(Instant::now());
                 }
-                Err(e) => {
-                    // EMFILE/ENFILE: the descriptor limit is reached. Say so (once a second at
-                    // most), back off briefly, and keep serving the connections we have.
-                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-                        let limit = nofile_limit();
-                        tracing::warn!(error = %e, nofile_limit = limit, "accept failed (descriptor limit?)");
-                        last_warning = Some(Instant::now());
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-    });
+    }
 }
 
 /// The soft descriptor limit, read from /proc (no unsafe getrlimit needed).

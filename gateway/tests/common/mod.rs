@@ -127,6 +127,29 @@ impl Gateway {
         format!("ws://{}{path}", self.addr)
     }
 
+    /// Sends the gateway process a signal (`TERM`, `INT`, `HUP`, `USR2`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits (up to `limit`) for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Everything the gateway printed to stderr so far.
     #[must_use]
     pub fn stderr(&self) -> String {

@@ -1,0 +1,74 @@
+//! Command-line options.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{BackendUrl, parse_duration};
+
+/// A WebSocket reverse proxy that parses and validates every frame.
+///
+/// With no --backend, connections are served by an embedded echo upstream, so
+/// `gateway` alone shows the whole client path working.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub(crate) struct Args {
+    /// Address to accept WebSocket clients on (each core binds it with `SO_REUSEPORT`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: SocketAddr,
+
+    /// Upstream WebSocket server, as ws://host:port[/path]. Repeat for round-robin; on a
+    /// connect failure the next one is tried. None: the embedded echo serves every connection.
+    #[arg(long = "backend", value_name = "URL")]
+    pub(crate) backends: Vec<BackendUrl>,
+
+    /// Worker threads, one pinned io_uring runtime each [default: all available cores].
+    #[arg(long)]
+    pub(crate) cores: Option<usize>,
+
+    /// Time a client has to send a complete upgrade request.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) handshake_timeout: Duration,
+
+    /// Time to connect to one backend (then the next is tried), and to get its 101.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub(crate) connect_timeout: Duration,
+
+    /// Time a peer has to answer a close frame (or to close TCP) before it is dropped.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub(crate) close_timeout: Duration,
+
+    /// Largest message, and largest frame, in bytes; larger ones close with 1009.
+    #[arg(long, default_value_t = codec::Limits::DEFAULT_MAX)]
+    pub(crate) max_message: u64,
+
+    /// Largest upgrade request head in bytes; larger ones get 431.
+    #[arg(long, default_value_t = 8192)]
+    pub(crate) max_header_bytes: usize,
+
+    /// Ping each leg this often; a leg that stays silent past --pong-timeout after a ping
+    /// is dead and its connection closed (1001 to the client, 1011 if the backend died).
+    /// 0 turns pings off.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub(crate) ping_interval: Duration,
+
+    /// How long a pinged leg has to show life (any frame, a pong included).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) pong_timeout: Duration,
+
+    /// Close connections (1001) on which neither side sent anything for this long; pongs
+    /// count, so with pings on, quiet but healthy connections stay. 0 turns it off.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub(crate) idle_timeout: Duration,
+
+    /// On SIGTERM or SIGINT (close 1001) or SIGUSR2 (restart: close 1012): time the
+    /// connections have to finish their close handshakes before the process exits.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) drain_timeout: Duration,
+
+    /// Bytes buffered per direction per connection at most (read buffer, held-back frame).
+    #[arg(long, default_value_t = crate::relay::DEFAULT_BUFFER)]
+    pub(crate) write_buffer: usize,
+}

@@ -1,0 +1,100 @@
+//! One peer's socket, with what it takes for several tasks of a connection to write to it
+//! without breaking frames apart.
+#![forbid(unsafe_code)]
+
+use std::cell::Cell;
+use std::net::Shutdown;
+use std::time::Instant;
+
+use codec::frame::{OpCode, write_frame};
+use tokio::sync::Notify;
+
+use crate::forward::ControlPayload;
+use crate::lifecycle::Side;
+use crate::uring::Stream;
+
+/// The payload of the gateway's own keepalive pings; a pong carrying it answers the gateway,
+/// so it is absorbed rather than relayed.
+pub(crate) const KEEPALIVE_PAYLOAD: &[u8] = b"wsgate-keepalive";
+
+/// A peer of a connection.
+pub(crate) struct Leg {
+    pub(crate) stream: Stream,
+    pub(crate) side: Side,
+    /// A task is writing a frame to this peer.
+    busy: Cell<bool>,
+    idle: Notify,
+    /// A close frame was written to this peer: nothing more may follow it.
+    pub(crate) close_sent: Cell<bool>,
+    /// The bytes written to this peer stop inside a frame: a close frame cannot follow.
+    pub(crate) partial: Cell<bool>,
+    /// When bytes last arrived from this peer (pongs included): liveness for keepalive.
+    pub(crate) last_seen: Cell<Instant>,
+    /// When the gateway last pinged this peer.
+    pub(crate) pinged: Cell<Option<Instant>>,
+}
+
+impl Leg {
+    pub(crate) fn new(stream: Stream, side: Side) -> Self {
+        Self {
+            stream,
+            side,
+            busy: Cell::new(false),
+            idle: Notify::new(),
+            close_sent: Cell::new(false),
+            partial: Cell::new(false),
+            last_seen: Cell::new(Instant::now()),
+            pinged: Cell::new(None),
+        }
+    }
+
+    /// Takes the right to write whole frames to this peer.
+    pub(crate) async fn lock(&self) {
+        while self.busy.get() {
+            self.idle.notified().await;
+        }
+        self.busy.set(true);
+    }
+
+    /// Gives the right back (at a frame boundary).
+    pub(crate) fn unlock(&self) {
+        self.busy.set(false);
+        self.idle.notify_one();
+    }
+
+    /// Whether a task is writing to this peer right now.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.busy.get()
+    }
+
+    /// Writes a close frame (masked toward a backend) unless one was already sent. If a
+    /// frame to this peer is half-written, no frame can follow it: the peer gets a FIN.
+    pub(crate) async fn send_close(&self, payload: &ControlPayload) {
+        self.lock().await;
+        if self.partial.get() {
+            self.close_sent.set(true);
+            self.stream.shutdown(Shutdown::Write);
+        } else if !self.close_sent.replace(true) {
+            // A peer that cannot take a close frame is gone; the pumps notice on their own.
+            drop(self.write_control(OpCode::Close, payload.bytes()).await);
+        }
+        self.unlock();
+    }
+
+    /// Sends the gateway's keepalive ping, unless the peer was already sent a close.
+    pub(crate) async fn send_ping(&self) {
+        self.pinged.set(Some(Instant::now()));
+        self.lock().await;
+        if !self.close_sent.get() && !self.partial.get() {
+            drop(self.write_control(OpCode::Ping, KEEPALIVE_PAYLOAD).await);
+        }
+        self.unlock();
+    }
+
+    async fn write_control(&self, opcode: OpCode, payload: &[u8]) -> std::io::Result<()> {
+        let mask = (self.side == Side::Backend).then(rand::random);
+        let mut frame = Vec::with_capacity(2 + 4 + payload.len());
+        write_frame(&mut frame, true, opcode, mask, payload);
+        self.stream.write_all(&mut frame).await
+    }
+}
