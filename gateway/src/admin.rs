@@ -8,7 +8,6 @@
 //! kernel's backlog. Reading and writing are bounded by timeouts, so a slot frees within
 //! about [`TIMEOUT`] (plus however long a reload runs). Reloads run one at a time.
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), expect(dead_code, reason = "wired in next"))]
 
 use std::fmt;
 use std::io::{self, Read, Write};

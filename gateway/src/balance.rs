@@ -11,10 +11,6 @@
 //! to the same backend without talking to each other, and removing one backend moves only the
 //! keys that lived on it.
 #![forbid(unsafe_code)]
-#![cfg_attr(
-    not(test),
-    expect(dead_code, reason = "wired into connection.rs and main.rs next")
-)]
 
 use std::cell::Cell;
 use std::cmp::Reverse;

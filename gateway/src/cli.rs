@@ -2,11 +2,12 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::config::{BackendUrl, parse_duration};
+use crate::config::{BackendUrl, Config, LogFormat, parse_duration};
 
 /// A WebSocket reverse proxy that parses and validates every frame.
 ///
@@ -15,6 +16,24 @@ use crate::config::{BackendUrl, parse_duration};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub(crate) struct Args {
+    /// Read listeners, routes, upstream pools, limits and timeouts from this TOML file
+    /// (see gateway.example.toml); the shorthand flags below are then ignored. SIGHUP or
+    /// `POST /reload` on the admin listener re-read it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// Validate a configuration file, print a summary or every mistake, and exit.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) check_config: Option<PathBuf>,
+
+    /// Admin listener: GET /metrics (Prometheus), GET /healthz, POST /reload.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) admin: Option<SocketAddr>,
+
+    /// Log format: one line of text per event, or one JSON object.
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) log_format: LogFormatArg,
+
     /// Address to accept WebSocket clients on (each core binds it with `SO_REUSEPORT`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) listen: SocketAddr,
@@ -71,4 +90,46 @@ pub(crate) struct Args {
     /// Bytes buffered per direction per connection at most (read buffer, held-back frame).
     #[arg(long, default_value_t = crate::relay::DEFAULT_BUFFER)]
     pub(crate) write_buffer: usize,
+}
+
+/// `--log-format` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Args {
+    /// The one-route configuration the shorthand flags describe.
+    pub(crate) fn shorthand_config(&self) -> Config {
+        let mut config = Config::shorthand(
+            self.listen,
+            self.backends.clone(),
+            self.cores,
+            self.handshake_timeout,
+            self.connect_timeout,
+            self.close_timeout,
+            self.max_message,
+            self.max_header_bytes,
+        );
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        config.timeouts.ping_interval = nonzero(self.ping_interval);
+        config.timeouts.pong_timeout = self.pong_timeout;
+        config.timeouts.idle = nonzero(self.idle_timeout);
+        config.server.drain_timeout = self.drain_timeout;
+        config.server.admin = self.admin;
+        config.server.log_format = self.log_format();
+        config.global_limits.write_buffer = self.write_buffer;
+        config
+    }
+
+    /// The log format asked for on the command line.
+    pub(crate) fn log_format(&self) -> LogFormat {
+        match self.log_format {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
 }

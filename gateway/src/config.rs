@@ -2,13 +2,6 @@
 //! the CLI shorthand for one route. Everything is validated once, at load, so workers never meet
 //! a bad value and `--check-config` can name every mistake before a deploy.
 #![forbid(unsafe_code)]
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "compat: the routes API is read once connection.rs switches to it"
-    )
-)]
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -145,23 +138,12 @@ pub(crate) struct Config {
     /// Addresses to accept clients on; every core binds each with `SO_REUSEPORT`.
     pub(crate) listeners: Vec<SocketAddr>,
     /// The `[limits]` section.
-    // compat: becomes `limits` when connection.rs switches to routes (that name is still taken
-    // by the old per-connection `limits` field below).
     pub(crate) global_limits: GlobalLimits,
     pub(crate) timeouts: Timeouts,
     /// In declaration order, so `route[i]` in error messages is `routes[i]`.
     pub(crate) routes: Vec<Route>,
     /// The declared `[upstream.NAME]` pools, sorted by name; [`Upstream::Pool`] indexes this.
     pub(crate) pools: Vec<Pool>,
-
-    // compat: removed when connection.rs switches to routes. They describe the first route
-    // only, which is the whole config for the CLI shorthand.
-    pub(crate) backends: Vec<BackendUrl>,
-    pub(crate) handshake_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) close_timeout: Duration,
-    pub(crate) limits: codec::Limits,
-    pub(crate) head_limits: HeadLimits,
 }
 
 /// The `[server]` section: process-wide settings.
@@ -368,9 +350,9 @@ pub(crate) enum Balance {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum HashKey {
     ClientIp,
-    /// A request header's value (name compared case-insensitively); absent hashes as empty.
+    /// A request header's value (name compared case-insensitively); absent or empty falls back to the client IP.
     Header(String),
-    /// A cookie's value; absent hashes as empty.
+    /// A cookie's value; absent or empty falls back to the client IP.
     Cookie(String),
 }
 
@@ -467,20 +449,6 @@ impl Config {
         )
     }
 
-    // compat: removed when main.rs builds the config itself (shorthand or --config).
-    pub(crate) fn from_args(args: &crate::cli::Args) -> Self {
-        Self::shorthand(
-            args.listen,
-            args.backends.clone(),
-            args.cores,
-            args.handshake_timeout,
-            args.connect_timeout,
-            args.close_timeout,
-            args.max_message,
-            args.max_header_bytes,
-        )
-    }
-
     /// The route for a request: routes with a matching host pattern beat host-less ones (exact
     /// host beats wildcard, a longer wildcard beats a shorter one), then the longest matching
     /// path prefix wins; `None` -> the gateway answers 404.
@@ -513,20 +481,7 @@ impl Config {
         routes: Vec<Route>,
         pools: Vec<Pool>,
     ) -> Self {
-        // compat: the old single-upstream fields, taken from the first route.
-        let first = routes.first();
-        let backends = match first.map(|r| r.upstream) {
-            Some(Upstream::Pool(i)) => pools[i].backends.clone(),
-            _ => Vec::new(),
-        };
-        let limits = first.map_or(global_limits.message, |r| r.limits);
         Self {
-            backends,
-            handshake_timeout: global_limits.handshake_timeout,
-            connect_timeout: timeouts.connect,
-            close_timeout: timeouts.close,
-            limits,
-            head_limits: global_limits.head_limits,
             server,
             listeners,
             global_limits,
@@ -1396,10 +1351,6 @@ mod tests {
         assert_eq!(c.timeouts.connect, Duration::from_secs(7));
         assert_eq!(c.timeouts.idle, Some(Duration::from_secs(90)));
         assert_eq!(c.timeouts.ping_interval, Some(Duration::from_millis(250)));
-        assert_eq!(
-            c.backends, a.backends,
-            "compat fields follow the first route"
-        );
     }
 
     #[test]
@@ -1730,9 +1681,7 @@ origins = ["https://a.com", "http://b.com:8080"]
         assert_eq!(pool.pools[0].backends, backends);
         assert_eq!(pool.pools[0].balance, Balance::RoundRobin);
         assert_eq!(pool.pools[0].health, None);
-        // compat fields
-        assert_eq!(pool.backends, backends);
-        assert_eq!(pool.limits, codec::Limits::new(1000, 1000));
-        assert_eq!(pool.close_timeout, s(3));
+        assert_eq!(r.limits, codec::Limits::new(1000, 1000));
+        assert_eq!(pool.timeouts.close, s(3));
     }
 }

@@ -7,6 +7,7 @@
 
 use std::cell::Cell;
 use std::net::Shutdown;
+use std::sync::Arc;
 use std::time::Instant;
 
 use codec::frame::Role;
@@ -17,6 +18,7 @@ use crate::forward::{ControlPayload, Forwarder, Mode, Step};
 use crate::keepalive::Verdict;
 use crate::leg::Leg;
 use crate::lifecycle::Side;
+use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::relay::{MIN_READ, Outcome, Settings};
 use crate::uring::Stream;
 
@@ -27,10 +29,11 @@ pub(crate) async fn serve(
     limits: Limits,
     settings: Settings,
     drain: &Drain,
+    metrics: &Arc<CoreMetrics>,
 ) -> Outcome {
-    let leg = Leg::new(stream, Side::Client);
+    let leg = Leg::new(stream, Side::Client, Arc::clone(metrics));
     let gateway_closed = Cell::new(None);
-    let echo = echo(&leg, input, limits, &settings, &gateway_closed);
+    let echo = echo(&leg, input, limits, &settings, &gateway_closed, metrics);
     tokio::pin!(echo);
     let mut outcome = tokio::select! {
         outcome = &mut echo => outcome,
@@ -89,8 +92,10 @@ async fn echo(
     limits: Limits,
     settings: &Settings,
     closed: &Cell<Option<CloseCode>>,
+    metrics: &CoreMetrics,
 ) -> Outcome {
     let mut fwd = Forwarder::new(Role::Server, limits, false, Mode::Echo);
+    let (mut frames, mut bytes) = (0, 0);
     let mut out = Vec::new();
     let mut holding = false;
     let limit = settings.buffer;
@@ -99,6 +104,13 @@ async fn echo(
     let reply = loop {
         let (used, step) = fwd.process(&input, &mut out);
         input.drain(..used);
+        if fwd.frames != frames || fwd.payload_bytes != bytes {
+            // Each frame is counted both ways: in from the client, and echoed back.
+            let (df, db) = (fwd.frames - frames, fwd.payload_bytes - bytes);
+            metrics.frames(Direction::ClientToBackend, df, db);
+            metrics.frames(Direction::BackendToClient, df, db);
+            (frames, bytes) = (fwd.frames, fwd.payload_bytes);
+        }
         // Hold an incomplete frame back (as the relay does) so a violation inside it can
         // still be answered with a close frame.
         let flush = !out.is_empty()
@@ -123,7 +135,13 @@ async fn echo(
         match step {
             Step::NeedInput => {}
             Step::Close(payload) => {
-                outcome.close_code = payload.close_code();
+                let code = payload.close_code();
+                metrics.close_frame(
+                    Side::Client,
+                    CloseDirection::Received,
+                    code.map(CloseCode::get),
+                );
+                outcome.close_code = code;
                 outcome.closed_by = Some("client");
                 // Echo the client's close payload back: the usual reply.
                 break Some(payload);

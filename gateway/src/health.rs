@@ -6,10 +6,6 @@
 //! second are no hot path, and keeping them off the io_uring cores means a slow backend can
 //! never delay a client's connection.
 #![forbid(unsafe_code)]
-#![cfg_attr(
-    not(test),
-    expect(dead_code, reason = "started from main.rs once the pools are wired")
-)]
 
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{Shutdown, TcpStream};

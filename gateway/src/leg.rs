@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::net::Shutdown;
+use std::sync::Arc;
 use std::time::Instant;
 
 use codec::frame::{OpCode, write_frame};
@@ -11,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::forward::ControlPayload;
 use crate::lifecycle::Side;
+use crate::metrics::{CloseDirection, CoreMetrics};
 use crate::uring::Stream;
 
 /// The payload of the gateway's own keepalive pings; a pong carrying it answers the gateway,
@@ -32,10 +34,11 @@ pub(crate) struct Leg {
     pub(crate) last_seen: Cell<Instant>,
     /// When the gateway last pinged this peer.
     pub(crate) pinged: Cell<Option<Instant>>,
+    metrics: Arc<CoreMetrics>,
 }
 
 impl Leg {
-    pub(crate) fn new(stream: Stream, side: Side) -> Self {
+    pub(crate) fn new(stream: Stream, side: Side, metrics: Arc<CoreMetrics>) -> Self {
         Self {
             stream,
             side,
@@ -45,6 +48,7 @@ impl Leg {
             partial: Cell::new(false),
             last_seen: Cell::new(Instant::now()),
             pinged: Cell::new(None),
+            metrics,
         }
     }
 
@@ -76,7 +80,15 @@ impl Leg {
             self.stream.shutdown(Shutdown::Write);
         } else if !self.close_sent.replace(true) {
             // A peer that cannot take a close frame is gone; the pumps notice on their own.
-            drop(self.write_control(OpCode::Close, payload.bytes()).await);
+            if self
+                .write_control(OpCode::Close, payload.bytes())
+                .await
+                .is_ok()
+            {
+                let code = payload.close_code().map(codec::CloseCode::get);
+                self.metrics
+                    .close_frame(self.side, CloseDirection::Sent, code);
+            }
         }
         self.unlock();
     }

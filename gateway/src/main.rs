@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admission;
 mod balance;
 mod cli;
 mod config;
@@ -16,6 +17,7 @@ mod leg;
 mod lifecycle;
 mod metrics;
 mod relay;
+mod reload;
 mod signals;
 mod upstream;
 mod uring;
@@ -24,11 +26,13 @@ mod worker;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use clap::Parser;
 
 use crate::cli::Args;
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
+use crate::reload::Shared;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,15 +42,36 @@ const BACKLOG: i32 = 4096;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run(&args) {
+    if let Some(path) = &args.check_config {
+        return match Config::load(path) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} listeners, {} routes, {} upstreams)",
+                    path.display(),
+                    config.listeners.len(),
+                    config.routes.len(),
+                    config.pools.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = match &args.config {
+        Some(path) => match Config::load(path) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("gateway: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => args.shorthand_config(),
+    };
+    init_logs(config.server.log_format);
+    match run(&args, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("gateway: {message}");
@@ -55,57 +80,70 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run(args: &Args, config: Config) -> Result<(), String> {
     let core_ids = core_affinity::get_core_ids().unwrap_or_default();
     let available = core_ids.len().max(1);
-    let cores = args.cores.unwrap_or(available);
+    let cores = config.server.cores.unwrap_or(available);
     if cores == 0 || cores > available {
         return Err(format!(
-            "--cores {cores}: this machine has {available} core(s) available"
+            "cores = {cores}: this machine has {available} core(s) available"
         ));
     }
     // Take the signals before anything starts, so an early SIGTERM drains instead of killing.
     let signals =
         signals::Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    // Bind every core's listener up front, so errors surface before anything starts and a
-    // `:0` port resolves once for all cores.
-    let first = uring::bind_reuseport(args.listen, BACKLOG)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let addr = first.local_addr().map_err(|e| e.to_string())?;
-    let mut listeners = vec![first];
-    for _ in 1..cores {
-        listeners.push(
-            uring::bind_reuseport(addr, BACKLOG)
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
-        );
+    let listeners = bind(&config.listeners, cores)?;
+    let bound: Vec<String> = listeners[0]
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default())
+        .collect();
+    let drain_timeout = config.server.drain_timeout;
+    let admin_addr = config.server.admin;
+    let upstreams: Vec<String> = config.pools.iter().map(|p| p.name.clone()).collect();
+    let echo = config.pools.is_empty();
+    let backends: Vec<String> = config
+        .pools
+        .iter()
+        .flat_map(|p| p.backends.iter().map(ToString::to_string))
+        .collect();
+    let shared = Shared::new(config, args.config.clone(), cores);
+    if let Some(addr) = admin_addr {
+        start_admin(addr, &shared)?;
     }
-    let backends: Vec<String> = args.backends.iter().map(ToString::to_string).collect();
-    tracing::info!(listen = %addr, cores, backends = ?backends, "gateway listening");
-    if backends.is_empty() {
-        tracing::info!("no --backend given: serving the embedded echo upstream");
+    tracing::info!(
+        listen = %bound.join(","),
+        cores,
+        backends = ?backends,
+        upstreams = ?upstreams,
+        admin = ?admin_addr,
+        "gateway listening"
+    );
+    if echo {
+        tracing::info!("no backend configured: serving the embedded echo upstream");
     }
-    let config = Arc::new(Config::from_args(args));
-    let settings = relay::Settings {
-        close_timeout: args.close_timeout,
-        keepalive: keepalive::Keepalive {
-            ping_interval: args.ping_interval,
-            pong_timeout: args.pong_timeout,
-            idle: args.idle_timeout,
-        },
-        buffer: args.write_buffer.max(relay::MIN_READ),
-    };
     let (phase, phase_rx) = tokio::sync::watch::channel(drain::Phase::Running);
     let workers: Vec<_> = listeners
         .into_iter()
         .enumerate()
-        .map(|(index, listener)| {
+        .map(|(index, listeners)| {
             let worker = worker::WorkerArgs {
                 index,
-                listener,
-                config: Arc::clone(&config),
-                settings,
+                listeners,
+                shared: Arc::clone(&shared),
                 phase: phase_rx.clone(),
-                drain_timeout: args.drain_timeout,
+                drain_timeout,
             };
             let core = core_ids.get(index).copied();
             std::thread::Builder::new()
@@ -119,8 +157,12 @@ fn run(args: &Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot start worker thread: {e}"))
         })
         .collect::<Result<_, _>>()?;
-    let code = signals.wait(&|| tracing::warn!("SIGHUP: reload needs --config; nothing to reload"));
-    tracing::info!(close_code = code.get(), drain_timeout = ?args.drain_timeout, "draining");
+    let code = signals.wait(&|| match shared.reload() {
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = e, "reload failed; the running configuration stays"),
+    });
+    shared.draining.store(true, Ordering::Relaxed);
+    tracing::info!(close_code = code.get(), drain_timeout = ?drain_timeout, "draining");
     // Workers exit once their connections are closed or the drain timeout passes.
     phase.send_replace(drain::Phase::Draining(code));
     for worker in workers {
@@ -129,5 +171,44 @@ fn run(args: &Args) -> Result<(), String> {
             .map_err(|_| "a worker thread panicked".to_owned())?;
     }
     tracing::info!("drained, exiting");
+    Ok(())
+}
+
+/// Binds every listener once per core, up front, so errors surface before anything starts
+/// and a `:0` port resolves once for all cores.
+fn bind(
+    addrs: &[std::net::SocketAddr],
+    cores: usize,
+) -> Result<Vec<Vec<std::net::TcpListener>>, String> {
+    let mut per_core: Vec<Vec<std::net::TcpListener>> = (0..cores).map(|_| Vec::new()).collect();
+    for &addr in addrs {
+        let first = uring::bind_reuseport(addr, BACKLOG)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let resolved = first.local_addr().map_err(|e| e.to_string())?;
+        per_core[0].push(first);
+        for listeners in &mut per_core[1..] {
+            listeners.push(
+                uring::bind_reuseport(resolved, BACKLOG)
+                    .map_err(|e| format!("cannot listen on {resolved}: {e}"))?,
+            );
+        }
+    }
+    Ok(per_core)
+}
+
+fn start_admin(addr: std::net::SocketAddr, shared: &Arc<Shared>) -> Result<(), String> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
+    let rows = Arc::clone(shared);
+    let reload = Arc::clone(shared);
+    let state = admin::AdminState {
+        metrics: Arc::clone(&shared.metrics),
+        backends: Arc::new(move |row: &mut dyn FnMut(metrics::BackendRow<'_>)| {
+            rows.backend_rows(row);
+        }),
+        reload: Arc::new(move || reload.reload()),
+        draining: Arc::clone(&shared.draining),
+    };
+    admin::spawn(listener, state).map_err(|e| format!("cannot start the admin thread: {e}"))?;
     Ok(())
 }

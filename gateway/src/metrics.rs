@@ -11,7 +11,6 @@
 //! replaces: the gateway hands the renderer a [`BackendRows`] callback listing them instead of
 //! registering them here, and can embed a [`BackendStats`] per backend to count into.
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), expect(dead_code, reason = "wired in next"))]
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -10,6 +10,7 @@
 
 use std::cell::Cell;
 use std::net::Shutdown;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use codec::CloseCode;
@@ -20,6 +21,7 @@ use crate::forward::{ControlPayload, Forwarder, Step};
 use crate::keepalive::{Keepalive, Verdict};
 use crate::leg::Leg;
 use crate::lifecycle::{Lifecycle, OnClose, Side};
+use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::uring::Stream;
 
 /// Reads start this small so an idle connection pins little memory under io_uring (a pending
@@ -74,18 +76,28 @@ pub(crate) struct Relay {
     lifecycle: Cell<Lifecycle>,
     /// Signalled when the lifecycle leaves `Open`, which starts the close timeout.
     closing: Notify,
+    /// When the lifecycle left `Open`: the start of the close handshake.
+    closing_since: Cell<Option<Instant>>,
     outcome: Cell<Outcome>,
+    metrics: Arc<CoreMetrics>,
 }
 
 impl Relay {
-    pub(crate) fn new(client: Stream, backend: Stream, settings: Settings) -> Self {
+    pub(crate) fn new(
+        client: Stream,
+        backend: Stream,
+        settings: Settings,
+        metrics: Arc<CoreMetrics>,
+    ) -> Self {
         Self {
-            client: Leg::new(client, Side::Client),
-            backend: Leg::new(backend, Side::Backend),
+            client: Leg::new(client, Side::Client, Arc::clone(&metrics)),
+            backend: Leg::new(backend, Side::Backend, Arc::clone(&metrics)),
             settings,
             lifecycle: Cell::new(Lifecycle::Open),
             closing: Notify::new(),
+            closing_since: Cell::new(None),
             outcome: Cell::new(Outcome::default()),
+            metrics,
         }
     }
 
@@ -97,8 +109,16 @@ impl Relay {
     }
 
     fn set_lifecycle(&self, next: Lifecycle) {
-        if self.lifecycle.replace(next).is_open() && !next.is_open() {
+        let previous = self.lifecycle.replace(next);
+        if previous.is_open() && !next.is_open() {
+            self.closing_since.set(Some(Instant::now()));
             self.closing.notify_one();
+        }
+        if next == Lifecycle::Closed
+            && previous != Lifecycle::Closed
+            && let Some(since) = self.closing_since.get()
+        {
+            self.metrics.close_handshake(since.elapsed());
         }
     }
 
@@ -247,9 +267,17 @@ impl Relay {
         let mut out = Vec::new();
         let mut holding = false;
         let mut read_size = MIN_READ.min(limit);
+        let direction = Direction::from(from);
+        let (mut frames, mut bytes) = (0, 0);
         let end = loop {
             let (used, step) = fwd.process(&input, &mut out);
             input.drain(..used);
+            if fwd.frames != frames || fwd.payload_bytes != bytes {
+                // Live counters: per batch, not per connection close.
+                self.metrics
+                    .frames(direction, fwd.frames - frames, fwd.payload_bytes - bytes);
+                (frames, bytes) = (fwd.frames, fwd.payload_bytes);
+            }
             // A frame still arriving is held back (up to the buffer bound) so that a
             // violation inside it can still be answered with a clean close frame.
             let flush = !out.is_empty()
@@ -309,6 +337,9 @@ impl Relay {
     /// A close frame arrived from `from`.
     async fn on_close(&self, from: Side, payload: &ControlPayload) {
         let (next, action) = self.lifecycle.get().close_from(from);
+        let code = payload.close_code().map(CloseCode::get);
+        self.metrics
+            .close_frame(from, CloseDirection::Received, code);
         self.set_lifecycle(next);
         self.record_close(payload.close_code(), from.as_str());
         if action != OnClose::Absorb {

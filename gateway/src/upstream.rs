@@ -9,7 +9,9 @@ use codec::handshake::{
     ClientHandshake, HandshakeError, HeadLimits, ServerResponse, UpgradeRequest,
 };
 
-use crate::config::BackendUrl;
+use crate::balance::{ActiveGuard, HashInput, hash_input};
+use crate::config::{BackendUrl, Balance, Pool};
+use crate::reload::PoolRuntime;
 use crate::uring::Stream;
 
 /// Client headers passed to the backend unchanged (the WebSocket ones travel separately).
@@ -18,19 +20,6 @@ const FORWARDED_HEADERS: [&str; 4] = ["Origin", "Cookie", "Authorization", "User
 /// Largest non-101 answer (head and body) passed from a backend to the client.
 const MAX_REJECTION: usize = 64 * 1024;
 
-/// A per-core round-robin cursor over the configured backends (per core, so no atomics).
-#[derive(Debug, Default)]
-pub(crate) struct RoundRobin(Cell<usize>);
-
-impl RoundRobin {
-    /// The order in which to try the backends for the next connection.
-    pub(crate) fn order(&self, n: usize) -> impl Iterator<Item = usize> {
-        let start = self.0.get();
-        self.0.set(start.wrapping_add(1));
-        (0..n).map(move |i| (start + i) % n)
-    }
-}
-
 /// A backend that accepted the upgrade.
 pub(crate) struct Upgraded {
     pub(crate) stream: Stream,
@@ -38,13 +27,15 @@ pub(crate) struct Upgraded {
     pub(crate) leftover: Vec<u8>,
     pub(crate) protocol: Option<String>,
     pub(crate) extensions: Option<String>,
-    /// Which backend (index into the configuration).
+    /// Which backend (index into the pool).
     pub(crate) backend: usize,
+    /// Counts this connection toward the backend's load while it lives.
+    pub(crate) active: ActiveGuard,
 }
 
 /// Why no upstream leg could be established.
 pub(crate) enum UpstreamError {
-    /// No backend accepted a TCP connection in time.
+    /// No backend accepted a TCP connection in time (or none was available to try).
     Unreachable,
     /// A backend answered with something that is not a valid 101.
     BadHandshake(usize, HandshakeError),
@@ -98,24 +89,66 @@ fn upstream_headers(req: &UpgradeRequest, client: SocketAddr) -> Vec<(&'static s
     headers
 }
 
-/// Connects to the first backend that answers (in round-robin order) and upgrades.
+/// What a connection needs to reach one pool.
+pub(crate) struct Target<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) runtime: &'a PoolRuntime,
+    /// This core's round-robin cursor.
+    pub(crate) cursor: &'a Cell<usize>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) head_limits: &'a HeadLimits,
+}
+
+/// Connects to the first backend that answers, in the pool's balancing order, and upgrades.
+/// Connect failures try the next backend; every failure counts toward passive ejection.
 pub(crate) async fn open(
-    backends: &[BackendUrl],
-    rr: &RoundRobin,
+    target: &Target<'_>,
     req: &UpgradeRequest,
     client: SocketAddr,
-    connect_timeout: Duration,
-    head_limits: &HeadLimits,
 ) -> Result<Upgraded, UpstreamError> {
-    for index in rr.order(backends.len()) {
-        let backend = &backends[index];
+    let Target {
+        pool,
+        runtime,
+        cursor,
+        connect_timeout,
+        head_limits,
+    } = *target;
+    let key = match &pool.balance {
+        Balance::Hash(key) => hash_input(key, client.ip(), req),
+        Balance::RoundRobin | Balance::LeastConnections => HashInput {
+            client_ip: client.ip(),
+            header: None,
+        },
+    };
+    for index in runtime.state.candidates(pool, &key, cursor) {
+        let backend = &pool.backends[index];
+        // Counted from the attempt's start, so least-connections sees handshakes in flight
+        // and a burst of clients does not all pick the same idle backend.
+        let active = runtime.state.connected(index);
         let Ok(stream) = Stream::connect(backend.addr, connect_timeout).await else {
-            tracing::warn!(backend = %backend, "backend connect failed, trying the next");
+            drop(active);
+            runtime.stats[index].connect_failure();
+            let ejected = runtime.state.record_failure(index, pool);
+            tracing::warn!(pool = pool.name, backend = %backend, ejected, "backend connect failed");
             continue;
         };
         drop(stream.set_nodelay());
         let upgrade = handshake(&stream, backend, req, client, head_limits);
-        return match tokio::time::timeout(connect_timeout, upgrade).await {
+        let result = tokio::time::timeout(connect_timeout, upgrade).await;
+        let failed = match &result {
+            Ok(Ok((ServerResponse::Upgraded { .. }, _))) => false,
+            // A 4xx is the application's answer; a 5xx, a bad 101 or silence is the
+            // backend failing.
+            Ok(Ok((ServerResponse::Rejected { status }, _))) => *status >= 500,
+            Ok(Err(_)) | Err(_) => true,
+        };
+        if failed {
+            let ejected = runtime.state.record_failure(index, pool);
+            tracing::warn!(pool = pool.name, backend = %backend, ejected, "backend upgrade failed");
+        } else {
+            runtime.state.record_success(index);
+        }
+        return match result {
             Ok(Ok((
                 ServerResponse::Upgraded {
                     protocol,
@@ -128,6 +161,7 @@ pub(crate) async fn open(
                 protocol,
                 extensions,
                 backend: index,
+                active,
             }),
             Ok(Ok((ServerResponse::Rejected { status }, mut response))) => {
                 // Pass the backend's own answer on, with as much body as it sends promptly.
@@ -199,14 +233,6 @@ async fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn round_robin_rotates_and_covers_all() {
-        let rr = RoundRobin::default();
-        assert_eq!(rr.order(3).collect::<Vec<_>>(), [0, 1, 2]);
-        assert_eq!(rr.order(3).collect::<Vec<_>>(), [1, 2, 0]);
-        assert_eq!(rr.order(3).collect::<Vec<_>>(), [2, 0, 1]);
-    }
 
     #[test]
     fn forwarding_headers() {

@@ -1,7 +1,8 @@
-//! One worker per core: its own io_uring runtime, its own `SO_REUSEPORT` listener, and the
+//! One worker per core: its own io_uring runtime, its own `SO_REUSEPORT` listeners, and the
 //! connection actors it accepted, none of which ever leave the core.
 #![forbid(unsafe_code)]
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -9,17 +10,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::config::Config;
 use crate::drain::{Drain, Phase};
-use crate::relay::Settings;
-use crate::upstream::RoundRobin;
+use crate::metrics::CoreMetrics;
+use crate::reload::Shared;
 use crate::uring::{self, Listener};
 
 /// Per-core state. `!Send` on purpose: it belongs to one core's runtime.
 pub(crate) struct Core {
-    pub(crate) config: Arc<Config>,
-    pub(crate) settings: Settings,
-    pub(crate) round_robin: RoundRobin,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) metrics: Arc<CoreMetrics>,
+    /// This core's round-robin cursor (per core, so no atomics).
+    pub(crate) cursor: Cell<usize>,
     pub(crate) drain: Rc<Drain>,
     _not_send: PhantomData<Rc<()>>,
 }
@@ -27,9 +28,8 @@ pub(crate) struct Core {
 /// What every worker is started with.
 pub(crate) struct WorkerArgs {
     pub(crate) index: usize,
-    pub(crate) listener: std::net::TcpListener,
-    pub(crate) config: Arc<Config>,
-    pub(crate) settings: Settings,
+    pub(crate) listeners: Vec<std::net::TcpListener>,
+    pub(crate) shared: Arc<Shared>,
     pub(crate) phase: watch::Receiver<Phase>,
     pub(crate) drain_timeout: Duration,
 }
@@ -38,34 +38,34 @@ pub(crate) struct WorkerArgs {
 pub(crate) fn run(args: WorkerArgs) {
     let WorkerArgs {
         index,
-        listener,
-        config,
-        settings,
+        listeners,
+        shared,
         mut phase,
         drain_timeout,
     } = args;
-    // A second handle on the listening socket: shutting it down on drain wakes the pending
-    // accept and stops the kernel queueing new connections here.
-    let control = listener.try_clone().ok();
+    // Second handles on the listening sockets: shutting them down on drain wakes the pending
+    // accepts and stops the kernel queueing new connections here.
+    let controls: Vec<_> = listeners
+        .iter()
+        .filter_map(|l| l.try_clone().ok())
+        .collect();
     uring::run(async move {
-        let listener = Listener::from_std(listener);
         let core = Rc::new(Core {
-            config,
-            settings,
-            round_robin: RoundRobin::default(),
+            metrics: shared.metrics.core(index),
+            shared,
+            cursor: Cell::new(index),
             drain: Rc::new(Drain::default()),
             _not_send: PhantomData,
         });
-        let close_code = tokio::select! {
-            () = accept_loop(&listener, &core) => return,
-            requested = draining(&mut phase) => requested,
-        };
-        if let Some(control) = &control {
-            drop(socket2::SockRef::from(control).shutdown(std::net::Shutdown::Both));
+        for listener in listeners {
+            uring::spawn(accept_loop(Listener::from_std(listener), Rc::clone(&core)));
         }
-        drop(listener);
+        let close_code = draining(&mut phase).await;
         let live = core.drain.active();
         core.drain.start(close_code);
+        for control in &controls {
+            drop(socket2::SockRef::from(control).shutdown(std::net::Shutdown::Both));
+        }
         tracing::info!(
             core = index,
             connections = live,
@@ -95,18 +95,21 @@ async fn draining(phase: &mut watch::Receiver<Phase>) -> codec::CloseCode {
     }
 }
 
-async fn accept_loop(listener: &Listener, core: &Rc<Core>) {
+async fn accept_loop(listener: Listener, core: Rc<Core>) {
     let mut last_warning: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
                 let live = core.drain.enter();
-                let core = Rc::clone(core);
+                let core = Rc::clone(&core);
                 uring::spawn(async move {
-                    crate::connection::serve(stream, client, core).await;
+                    core.metrics.connection_opened();
+                    crate::connection::serve(stream, client, Rc::clone(&core)).await;
+                    core.metrics.connection_closed();
                     drop(live);
                 });
             }
+            Err(_) if core.drain.is_draining() => return,
             Err(e) => {
                 // EMFILE/ENFILE: the descriptor limit is reached. Say so (once a second at
                 // most), back off briefly, and keep serving the connections we have.

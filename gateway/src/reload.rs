@@ -1,0 +1,163 @@
+//! What a reload swaps: the configuration and the pool state built from it. New connections
+//! take the current generation; established ones keep the one they started with, so a reload
+//! never touches them.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+
+use crate::admission::Admission;
+use crate::balance::PoolState;
+use crate::config::{Config, Pool};
+use crate::metrics::{BackendRow, BackendStats, Metrics};
+
+/// One pool's live state: balancing and ejection, and the counters it exports.
+pub(crate) struct PoolRuntime {
+    pub(crate) state: Arc<PoolState>,
+    pub(crate) stats: Vec<Arc<BackendStats>>,
+}
+
+/// A configuration and the pools built from it.
+pub(crate) struct Generation {
+    pub(crate) config: Config,
+    pub(crate) pools: Vec<PoolRuntime>,
+}
+
+/// Process-wide state shared by the cores, the admin plane and the signal thread.
+pub(crate) struct Shared {
+    current: RwLock<Arc<Generation>>,
+    /// The file reloads read; `None` for the CLI shorthand (nothing to reload).
+    path: Option<PathBuf>,
+    health: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
+    reload_lock: Mutex<()>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) admission: Arc<Admission>,
+    /// Set when a drain begins (`/healthz` then answers 503).
+    pub(crate) draining: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Builds the first generation and starts its health checks.
+    pub(crate) fn new(config: Config, path: Option<PathBuf>, cores: usize) -> Arc<Self> {
+        let generation = Arc::new(build(config, None));
+        let shared = Arc::new(Self {
+            current: RwLock::new(Arc::clone(&generation)),
+            path,
+            health: Mutex::new(None),
+            reload_lock: Mutex::new(()),
+            metrics: Metrics::new(cores),
+            admission: Arc::new(Admission::default()),
+            draining: Arc::new(AtomicBool::new(false)),
+        });
+        shared.restart_health(&generation);
+        shared
+    }
+
+    /// The generation new connections use.
+    pub(crate) fn current(&self) -> Arc<Generation> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Re-reads the configuration file and swaps it in for new connections.
+    pub(crate) fn reload(&self) -> Result<String, String> {
+        let _one_at_a_time = self
+            .reload_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(path) = &self.path else {
+            return Err("no --config file to reload (the CLI shorthand is fixed)".to_owned());
+        };
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let old = self.current();
+        let mut notes = Vec::new();
+        if config.listeners != old.config.listeners {
+            notes.push("listener changes take effect on restart");
+        }
+        if config.server != old.config.server {
+            notes.push("[server] changes take effect on restart");
+        }
+        let mut config = config;
+        // Process-wide settings stay as started; say so rather than half-apply them.
+        config.listeners.clone_from(&old.config.listeners);
+        config.server = old.config.server.clone();
+        let generation = Arc::new(build(config, Some(&old)));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&generation);
+        self.restart_health(&generation);
+        let message = format!(
+            "reloaded {}: {} routes, {} upstreams{}{}",
+            path.display(),
+            generation.config.routes.len(),
+            generation.config.pools.len(),
+            if notes.is_empty() { "" } else { "; " },
+            notes.join("; ")
+        );
+        tracing::info!("{message}");
+        Ok(message)
+    }
+
+    fn restart_health(&self, generation: &Generation) {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((stop, handle)) = health.take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            drop(handle.join());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let pools = generation
+            .config
+            .pools
+            .iter()
+            .zip(&generation.pools)
+            .map(|(pool, runtime)| (Arc::clone(&runtime.state), pool.clone()))
+            .collect();
+        if let Some(handle) = crate::health::spawn(pools, Arc::clone(&stop)) {
+            *health = Some((stop, handle));
+        }
+    }
+
+    /// Calls `row` once per backend of the current generation (for `/metrics`).
+    pub(crate) fn backend_rows(&self, row: &mut dyn FnMut(BackendRow<'_>)) {
+        let generation = self.current();
+        for (pool, runtime) in generation.config.pools.iter().zip(&generation.pools) {
+            for (i, backend) in pool.backends.iter().enumerate() {
+                let name = backend.to_string();
+                runtime.stats[i].set_healthy(runtime.state.is_available(i));
+                row(runtime.stats[i].row(&pool.name, &name));
+            }
+        }
+    }
+}
+
+/// Builds a generation, keeping the live state of pools that did not change (same name and
+/// backends), so a reload neither forgets ejections nor resets counters.
+fn build(config: Config, old: Option<&Generation>) -> Generation {
+    let pools = config
+        .pools
+        .iter()
+        .map(|pool| {
+            let kept = old.and_then(|old| {
+                old.config
+                    .pools
+                    .iter()
+                    .position(|p| same_backends(p, pool))
+                    .map(|i| &old.pools[i])
+            });
+            match kept {
+                Some(runtime) => PoolRuntime {
+                    state: Arc::clone(&runtime.state),
+                    stats: runtime.stats.clone(),
+                },
+                None => PoolRuntime {
+                    state: PoolState::new(pool.backends.len()),
+                    stats: pool.backends.iter().map(|_| Arc::default()).collect(),
+                },
+            }
+        })
+        .collect();
+    Generation { config, pools }
+}
+
+fn same_backends(a: &Pool, b: &Pool) -> bool {
+    a.name == b.name && a.backends == b.backends
+}
