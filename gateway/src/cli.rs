@@ -87,6 +87,15 @@ pub(crate) struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(crate) drain_timeout: Duration,
 
+    /// Open connections across all cores; more get 429 before the upgrade.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) max_connections: usize,
+
+    /// Open connections from one client IP; more get 429 before the upgrade. 0 = no limit
+    /// (behind an L4 balancer every client may share one address).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) max_connections_per_ip: usize,
+
     /// Bytes buffered per direction per connection at most (read buffer, held-back frame).
     #[arg(long, default_value_t = crate::relay::DEFAULT_BUFFER)]
     pub(crate) write_buffer: usize,
@@ -122,6 +131,11 @@ impl Args {
         config.server.admin = self.admin;
         config.server.log_format = self.log_format();
         config.global_limits.write_buffer = self.write_buffer;
+        config.global_limits.max_connections = self.max_connections;
+        config.global_limits.max_connections_per_ip = match self.max_connections_per_ip {
+            0 => usize::MAX,
+            n => n,
+        };
         config
     }
 

@@ -21,8 +21,9 @@ const SHORTHAND_POOL: &str = "default";
 
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
-const DEFAULT_MAX_CONNECTIONS_PER_IP: u64 = 256;
+const DEFAULT_MAX_CONNECTIONS: u64 = 100_000;
+/// 0: no per-IP limit. Behind an L4 balancer every client can share one address.
+const DEFAULT_MAX_CONNECTIONS_PER_IP: u64 = 0;
 const DEFAULT_WRITE_BUFFER: u64 = 64 << 10;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -174,7 +175,8 @@ pub(crate) struct GlobalLimits {
     pub(crate) head_limits: HeadLimits,
     /// Connections across all cores; more are refused with 429 before the upgrade.
     pub(crate) max_connections: usize,
-    /// Connections from one client IP; more are refused with 429 before the upgrade.
+    /// Connections from one client IP; more are refused with 429 before the upgrade
+    /// (`usize::MAX` when the file says 0: no limit).
     pub(crate) max_connections_per_ip: usize,
     /// Bytes in flight on one leg before its reader is paused (backpressure).
     pub(crate) write_buffer: usize,
@@ -427,7 +429,7 @@ impl Config {
                     ..HeadLimits::DEFAULT
                 },
                 max_connections: DEFAULT_MAX_CONNECTIONS as usize,
-                max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP as usize,
+                max_connections_per_ip: per_ip_limit(DEFAULT_MAX_CONNECTIONS_PER_IP),
                 write_buffer: DEFAULT_WRITE_BUFFER as usize,
                 message: limits,
             },
@@ -833,7 +835,7 @@ impl RawLimits {
             "limits.max_connections_per_ip",
             self.max_connections_per_ip,
             DEFAULT_MAX_CONNECTIONS_PER_IP,
-            1,
+            0,
         );
         let write_buffer = p.at_least(
             "limits.write_buffer",
@@ -848,7 +850,7 @@ impl RawLimits {
                 ..HeadLimits::DEFAULT
             },
             max_connections: max_connections as usize,
-            max_connections_per_ip: max_connections_per_ip as usize,
+            max_connections_per_ip: per_ip_limit(max_connections_per_ip),
             write_buffer: write_buffer as usize,
             message: codec::Limits::new(max_message, max_frame),
         }
@@ -1168,6 +1170,15 @@ fn check_origin(origin: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `max_connections_per_ip = 0` means no per-IP limit.
+fn per_ip_limit(configured: u64) -> usize {
+    if configured == 0 {
+        usize::MAX
+    } else {
+        configured as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1247,7 +1258,7 @@ mod tests {
         assert_eq!(l.message, codec::Limits::new(64 << 20, 64 << 20));
         assert_eq!(
             (l.max_connections, l.max_connections_per_ip, l.write_buffer),
-            (10_000, 256, 65_536)
+            (100_000, usize::MAX, 65_536)
         );
         assert_eq!(
             c.timeouts,
@@ -1328,7 +1339,7 @@ mod tests {
         assert_eq!(c, expected);
         assert_eq!(c.server.log_format, LogFormat::Text);
         assert_eq!(c.server.drain_timeout, Duration::from_secs(10));
-        assert_eq!(c.global_limits.max_connections, 10_000);
+        assert_eq!(c.global_limits.max_connections, 100_000);
         assert_eq!(c.timeouts.pong_timeout, Duration::from_secs(10));
         assert_eq!(c.routes[0].path_prefix, "/");
         assert_eq!(c.routes[0].limits, codec::Limits::default());

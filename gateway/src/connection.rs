@@ -42,7 +42,7 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
     let limits = &cfg.global_limits;
     let hello = tokio::time::timeout(
         limits.handshake_timeout,
-        read_request(&stream, &limits.head_limits),
+        Box::pin(read_request(&stream, &limits.head_limits)),
     );
     let (req, leftover) = match hello.await {
         Ok(ClientHello::Request(req, leftover)) => (req, leftover),
@@ -116,8 +116,10 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
         leftover,
     };
     match route.upstream {
-        Upstream::Echo => conn.echo().await,
-        Upstream::Pool(pool) => conn.proxy(&generation, pool).await,
+        // Each phase is boxed: a task's future is as large as its largest state, and every
+        // idle connection pays for it.
+        Upstream::Echo => Box::pin(conn.echo()).await,
+        Upstream::Pool(pool) => Box::pin(conn.proxy(&generation, pool)).await,
     }
 }
 
@@ -156,7 +158,10 @@ impl Conn<'_> {
         if self.stream.write_all(&mut out).await.is_err() {
             return;
         }
-        let path = self.req.path;
+        let path = {
+            let req = self.req;
+            req.path
+        };
         let outcome = crate::echo::serve(
             self.stream,
             compact(self.leftover),
@@ -180,7 +185,7 @@ impl Conn<'_> {
             connect_timeout: cfg.timeouts.connect,
             head_limits: &cfg.global_limits.head_limits,
         };
-        let up = match crate::upstream::open(&target, &self.req, self.client).await {
+        let up = match Box::pin(crate::upstream::open(&target, &self.req, self.client)).await {
             Ok(up) => up,
             Err(e) => return self.refuse(pool, e).await,
         };
@@ -214,9 +219,12 @@ impl Conn<'_> {
             Mode::Relay { mask_out: false },
         );
         let backend_name = pool.backends[up.backend].to_string();
-        // Keep only what the access log needs: the request's headers would otherwise live as
-        // long as the connection.
-        let path = self.req.path;
+        // Keep only what the access log needs: the rest of the request (its headers) is
+        // dropped here rather than live as long as the connection.
+        let path = {
+            let req = self.req;
+            req.path
+        };
         let _active = up.active;
         let relay = Relay::new(
             self.stream,

@@ -171,10 +171,10 @@ impl Relay {
         while self.lifecycle.get().is_open() {
             tokio::select! {
                 () = self.closing.notified() => {}
-                code = drain.wait() => self.gateway_close(GatewayClose::Drain(code)).await,
+                code = drain.wait() => Box::pin(self.gateway_close(GatewayClose::Drain(code))).await,
                 () = tokio::time::sleep(keepalive.tick()), if keepalive.enabled() => {
-                    if let Some(why) = self.keepalive_check(&keepalive).await {
-                        self.gateway_close(why).await;
+                    if let Some(why) = Box::pin(self.keepalive_check(&keepalive)).await {
+                        Box::pin(self.gateway_close(why)).await;
                     }
                 }
             }
@@ -193,7 +193,7 @@ impl Relay {
             let leg = self.leg(side);
             if !leg.is_busy() {
                 let reply = ControlPayload::close(CloseCode::BAD_GATEWAY, "close timeout");
-                leg.send_close(&reply).await;
+                Box::pin(leg.send_close(&reply)).await;
             }
         }
     }
@@ -260,6 +260,9 @@ impl Relay {
     }
 
     /// Pumps frames from `from` to the other side; returns the payload bytes forwarded.
+    ///
+    /// The close paths are boxed: they run once per connection, and inline they would make
+    /// every idle connection's future as large as the largest of them.
     async fn pump(&self, from: Side, mut fwd: Forwarder, mut input: Vec<u8>) -> u64 {
         let src = self.leg(from);
         let dst = self.leg(from.other());
@@ -323,13 +326,13 @@ impl Relay {
             dst.unlock();
         }
         match end {
-            End::Close(payload) => self.on_close(from, &payload).await,
+            End::Close(payload) => Box::pin(self.on_close(from, &payload)).await,
             End::Violation(e) => {
                 self.record_close(Some(e.close_code()), "gateway");
                 self.set_lifecycle(Lifecycle::Failed);
-                self.fail(from, e.close_code(), e.as_str()).await;
+                Box::pin(self.fail(from, e.close_code(), e.as_str())).await;
             }
-            End::Gone(side) => self.on_gone(side).await,
+            End::Gone(side) => Box::pin(self.on_gone(side)).await,
         }
         fwd.payload_bytes
     }
