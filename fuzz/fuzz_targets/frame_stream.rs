@@ -7,8 +7,14 @@ use codec::message::{Limits, MessageValidator, PayloadKind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, mut rest)) = data.split_first() else { return };
-    let role = if flags & 1 == 0 { Role::Server } else { Role::Client };
+    let Some((&flags, mut rest)) = data.split_first() else {
+        return;
+    };
+    let role = if flags & 1 == 0 {
+        Role::Server
+    } else {
+        Role::Client
+    };
     let deflate = flags & 2 != 0;
     let mut validator = MessageValidator::new(role, Limits::new(1 << 16, 1 << 12), deflate);
     loop {

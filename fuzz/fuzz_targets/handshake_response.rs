@@ -7,7 +7,14 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let mut hs = ClientHandshake::new();
     let mut request = Vec::new();
-    hs.write_request(&mut request, "h", "/", Some("chat"), Some("permessage-deflate"), &[]);
+    hs.write_request(
+        &mut request,
+        "h",
+        "/",
+        Some("chat"),
+        Some("permessage-deflate"),
+        &[],
+    );
     if let Ok(Some((_, consumed))) = hs.parse_response(data, &HeadLimits::default()) {
         assert!(consumed <= data.len());
     }
