@@ -7,14 +7,15 @@
 //! A hand-written path is kept only where `benches/mask.rs` shows it beating the portable
 //! [`MaskPath::Word`] loop, which LLVM already autovectorises for the baseline target
 //! (numbers in `bench-results/codec.md`). So there is one:
-//! - AVX2 (kept): twice the Word loop's throughput from about 256 bytes up, since masking
-//!   is bound by stores and AVX2 stores 32 bytes at a time where baseline SSE2 stores 16;
-//! - SSE2 and NEON (written, measured or inspected, dropped): they are the baseline vector
-//!   sets of x86-64 and aarch64, and LLVM already compiles the Word loop to them (2x16 bytes
-//!   a step), so the hand-written loops were no faster;
-//! - AVX-512 (written, measured, dropped): no faster than AVX2 on the bench machine (both
-//!   hit the same store bandwidth), slower on unaligned payloads and, with its masked tail,
-//!   on small ones; its intrinsics would also need Rust 1.89, above the workspace MSRV.
+//! - AVX2 (kept): 1.5x to 2x the Word loop's throughput from about 256 bytes up, since
+//!   masking is bound by stores and AVX2 stores 32 bytes at a time where SSE2 stores 16;
+//! - SSE2 and NEON (written, then dropped): they are the baseline vector sets of x86-64 and
+//!   aarch64, and LLVM already compiles the Word loop to them (2x16 bytes a step). SSE2
+//!   measured level with Word; NEON was judged from the generated code (same instructions),
+//!   not measured, as no aarch64 machine was at hand;
+//! - AVX-512 (written, measured, dropped): at most ~10% over AVX2 from 256 B to 4 KiB, level
+//!   beyond (both hit the same store bandwidth), slower below 128 B (masked tail) and on
+//!   unaligned 1 MiB; and its intrinsics need Rust 1.89, above the workspace MSRV.
 //!
 //! Large buffers are first aligned (see `ALIGN_FROM`) so that the main loop's loads and
 //! stores never straddle a cache line.
@@ -36,7 +37,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum MaskPath {
-    /// x86-64 AVX2: 32 bytes a step.
+    /// x86-64 AVX2, detected at run time: 64 bytes a step, as two 32-byte vectors.
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Portable safe code, a `u64` at a time, which LLVM autovectorises to the target's
@@ -235,8 +236,8 @@ mod x86 {
 
     use super::{rotate_key, split_for_alignment, xor_words};
 
-    /// 64 bytes a step (two 32-byte vectors: half the loop overhead of one, which shows from
-    /// about 100 to 1000 bytes), then one 32- and one 16-byte step, then words.
+    /// 64 bytes a step (two 32-byte vectors halve the loop overhead of one: 10-20% from 100
+    /// to 512 bytes), then one 32- and one 16-byte step, then words.
     ///
     /// # Safety
     ///
@@ -354,12 +355,14 @@ mod tests {
                             let end = start + len;
                             buf.0[start..end].copy_from_slice(&src[..len]);
                             apply_mask_with(path, &mut buf.0[start..end], key, key_offset);
-                            let ctx = format!("{path:?} key {key:?}+{key_offset} at {align}");
-                            assert!(buf.0[start..end] == expected[..len], "{ctx} len {len}");
+                            assert!(
+                                buf.0[start..end] == expected[..len],
+                                "{path:?} key {key:?}+{key_offset} at {align} len {len}"
+                            );
                             assert!(
                                 buf.0[start - GUARD..start].iter().all(|&b| b == FILL)
                                     && buf.0[end..end + GUARD].iter().all(|&b| b == FILL),
-                                "{ctx} len {len}: wrote outside the slice"
+                                "{path:?} at {align} len {len}: wrote outside the slice"
                             );
                             buf.0[start..end].fill(FILL);
                         }

@@ -1258,7 +1258,7 @@ mod tests {
         assert_eq!(l.message, codec::Limits::new(64 << 20, 64 << 20));
         assert_eq!(
             (l.max_connections, l.max_connections_per_ip, l.write_buffer),
-            (100_000, usize::MAX, 65_536)
+            (10_000, 256, 65_536)
         );
         assert_eq!(
             c.timeouts,

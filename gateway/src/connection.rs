@@ -7,13 +7,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use codec::frame::Role;
 use codec::handshake::{
     self, HandshakeError, HeadLimits, UpgradeRequest, offers_permessage_deflate,
 };
 
 use crate::config::{Route, Upstream};
-use crate::forward::{Forwarder, Mode};
 use crate::keepalive::Keepalive;
 use crate::relay::{MIN_READ, Outcome, Relay, Settings};
 use crate::reload::Generation;
@@ -134,6 +132,8 @@ fn settings(generation: &Generation) -> Settings {
             idle: t.idle.unwrap_or(Duration::ZERO),
         },
         buffer: generation.config.global_limits.write_buffer.max(MIN_READ),
+        limits: generation.config.global_limits.message,
+        deflate: false,
     }
 }
 
@@ -165,8 +165,10 @@ impl Conn<'_> {
         let outcome = crate::echo::serve(
             self.stream,
             compact(self.leftover),
-            self.route.limits,
-            self.settings,
+            Settings {
+                limits: self.route.limits,
+                ..self.settings
+            },
             &self.core.drain,
             &self.core.metrics,
         )
@@ -205,19 +207,6 @@ impl Conn<'_> {
             .extensions
             .as_deref()
             .is_some_and(offers_permessage_deflate);
-        let limits = self.route.limits;
-        let client_fwd = Forwarder::new(
-            Role::Server,
-            limits,
-            deflate,
-            Mode::Relay { mask_out: true },
-        );
-        let backend_fwd = Forwarder::new(
-            Role::Client,
-            limits,
-            deflate,
-            Mode::Relay { mask_out: false },
-        );
         let backend_name = pool.backends[up.backend].to_string();
         // Keep only what the access log needs: the rest of the request (its headers) is
         // dropped here rather than live as long as the connection.
@@ -226,16 +215,21 @@ impl Conn<'_> {
             req.path
         };
         let _active = up.active;
+        let settings = Settings {
+            limits: self.route.limits,
+            deflate,
+            ..self.settings
+        };
         let relay = Relay::new(
             self.stream,
             up.stream,
-            self.settings,
+            settings,
             Arc::clone(&self.core.metrics),
         );
         let outcome = relay
             .run(
-                (client_fwd, compact(self.leftover)),
-                (backend_fwd, compact(up.leftover)),
+                compact(self.leftover),
+                compact(up.leftover),
                 &self.core.drain,
             )
             .await;

@@ -10,8 +10,8 @@ use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::Instant;
 
+use codec::CloseCode;
 use codec::frame::Role;
-use codec::{CloseCode, Limits};
 
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
@@ -26,14 +26,13 @@ use crate::uring::Stream;
 pub(crate) async fn serve(
     stream: Stream,
     input: Vec<u8>,
-    limits: Limits,
     settings: Settings,
     drain: &Drain,
     metrics: &Arc<CoreMetrics>,
 ) -> Outcome {
     let leg = Leg::new(stream, Side::Client, Arc::clone(metrics));
     let gateway_closed = Cell::new(None);
-    let echo = echo(&leg, input, limits, &settings, &gateway_closed, metrics);
+    let echo = echo(&leg, input, &settings, &gateway_closed, metrics);
     tokio::pin!(echo);
     let mut outcome = tokio::select! {
         outcome = &mut echo => outcome,
@@ -89,12 +88,11 @@ async fn watchdog(leg: &Leg, settings: &Settings, drain: &Drain, closed: &Cell<O
 async fn echo(
     leg: &Leg,
     mut input: Vec<u8>,
-    limits: Limits,
     settings: &Settings,
     closed: &Cell<Option<CloseCode>>,
     metrics: &CoreMetrics,
 ) -> Outcome {
-    let mut fwd = Forwarder::new(Role::Server, limits, false, Mode::Echo);
+    let mut fwd = Forwarder::new(Role::Server, settings.limits, false, Mode::Echo);
     let (mut frames, mut bytes) = (0, 0);
     let mut out = Vec::new();
     let mut holding = false;

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use codec::CloseCode;
+use codec::frame::Role;
 use tokio::sync::Notify;
 
 use crate::drain::Drain;
-use crate::forward::{ControlPayload, Forwarder, Step};
+use crate::forward::{ControlPayload, Forwarder, Mode, Step};
 use crate::keepalive::{Keepalive, Verdict};
 use crate::leg::Leg;
 use crate::lifecycle::{Lifecycle, OnClose, Side};
@@ -26,7 +27,7 @@ use crate::uring::Stream;
 
 /// Reads start this small so an idle connection pins little memory under io_uring (a pending
 /// read owns its buffer), and grow while reads keep filling them.
-pub(crate) const MIN_READ: usize = 512;
+pub(crate) const MIN_READ: usize = 256;
 /// The default bound on bytes buffered per direction (read buffer, held-back frame).
 pub(crate) const DEFAULT_BUFFER: usize = 64 * 1024;
 
@@ -40,6 +41,10 @@ pub(crate) struct Settings {
     /// Bytes buffered per direction at most: the largest read, and the largest incomplete
     /// frame held back before it streams on.
     pub(crate) buffer: usize,
+    /// Message and frame size limits (the route's).
+    pub(crate) limits: codec::Limits,
+    /// permessage-deflate was negotiated: RSV1 allowed, compressed text not UTF-8-checked.
+    pub(crate) deflate: bool,
 }
 
 /// How a connection ended, for the access log.
@@ -132,16 +137,20 @@ impl Relay {
     }
 
     /// Relays until both directions are done or the close timeout expires.
+    ///
+    /// `client_input` and `backend_input` hold bytes that arrived with the handshakes.
+    /// Arguments stay allocated in the future for its whole life, so they are kept small: each
+    /// pump builds its own forwarder.
     pub(crate) async fn run(
         &self,
-        client: (Forwarder, Vec<u8>),
-        backend: (Forwarder, Vec<u8>),
+        client_input: Vec<u8>,
+        backend_input: Vec<u8>,
         drain: &Drain,
     ) -> Outcome {
         let pumps = async {
             tokio::join!(
-                self.pump(Side::Client, client.0, client.1),
-                self.pump(Side::Backend, backend.0, backend.1)
+                self.pump(Side::Client, client_input),
+                self.pump(Side::Backend, backend_input)
             )
         };
         tokio::pin!(pumps);
@@ -263,7 +272,19 @@ impl Relay {
     ///
     /// The close paths are boxed: they run once per connection, and inline they would make
     /// every idle connection's future as large as the largest of them.
-    async fn pump(&self, from: Side, mut fwd: Forwarder, mut input: Vec<u8>) -> u64 {
+    async fn pump(&self, from: Side, mut input: Vec<u8>) -> u64 {
+        // Frames from the client are decoded as a server and re-masked for the backend;
+        // frames from the backend are decoded as a client and go out unmasked.
+        let (role, mask_out) = match from {
+            Side::Client => (Role::Server, true),
+            Side::Backend => (Role::Client, false),
+        };
+        let mut fwd = Forwarder::new(
+            role,
+            self.settings.limits,
+            self.settings.deflate,
+            Mode::Relay { mask_out },
+        );
         let src = self.leg(from);
         let dst = self.leg(from.other());
         let limit = self.settings.buffer;

@@ -1056,3 +1056,5 @@ impl Drop for StatusBackend {
         self.task.abort();
     }
 }
+
+pub mod config;
