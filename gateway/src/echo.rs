@@ -147,7 +147,7 @@ async fn echo(
             Step::Violation(e) => {
                 outcome.close_code = Some(e.close_code());
                 outcome.closed_by = Some("gateway");
-                break Some(ControlPayload::close(e.close_code(), e.as_str()));
+                break Some(Box::new(ControlPayload::close(e.close_code(), e.as_str())));
             }
         }
         match leg.stream.read_more(&mut input, read_size).await {

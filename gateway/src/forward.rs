@@ -44,12 +44,13 @@ impl ControlPayload {
 }
 
 /// What [`Forwarder::process`] stopped on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Step {
     /// All complete input was consumed; read more (a partial header may be left over).
     NeedInput,
-    /// A valid close frame arrived; nothing after it was consumed.
-    Close(ControlPayload),
+    /// A valid close frame arrived; nothing after it was consumed. Boxed: it happens once per
+    /// connection, and inline it would enlarge every idle connection's future.
+    Close(Box<ControlPayload>),
     /// The peer broke the protocol; the output holds only bytes that were valid.
     Violation(ProtocolError),
 }
@@ -313,7 +314,7 @@ impl Forwarder {
         match (opcode, self.mode) {
             (OpCode::Close, _) => {
                 close::parse_close(control.bytes()).map_err(|e| (n, e))?;
-                return Ok(Flow::Stop(n, Step::Close(control)));
+                return Ok(Flow::Stop(n, Step::Close(Box::new(control))));
             }
             (OpCode::Ping, Mode::Echo) => {
                 write_frame(out, true, OpCode::Pong, None, control.bytes());

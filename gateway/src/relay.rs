@@ -434,7 +434,7 @@ impl Relay {
 /// Why a pump stopped reading.
 enum End {
     /// Its peer sent a valid close frame.
-    Close(ControlPayload),
+    Close(Box<ControlPayload>),
     /// Its peer broke the protocol.
     Violation(codec::ProtocolError),
     /// This peer's socket hit EOF or an error.
