@@ -109,26 +109,13 @@ async fn echo(
             metrics.frames(Direction::BackendToClient, df, db);
             (frames, bytes) = (fwd.frames, fwd.payload_bytes);
         }
-        // Hold an incomplete frame back (as the relay does) so a violation inside it can
-        // still be answered with a close frame.
-        let flush = !out.is_empty()
-            && (!fwd.output_mid_frame() || out.len() >= limit || !matches!(step, Step::NeedInput));
-        if flush {
-            if !holding {
-                leg.lock().await;
-                holding = true;
-            }
-            if leg.close_sent.get() {
-                out.clear();
-            } else if leg.stream.write_all(&mut out).await.is_err() {
-                break None;
-            }
-            fwd.flushed();
-            leg.partial.set(fwd.output_mid_frame());
-            if !fwd.output_mid_frame() {
-                leg.unlock();
-                holding = false;
-            }
+        if fwd.should_flush(&out, limit, &step)
+            && leg
+                .write_batch(&mut out, &mut fwd, &mut holding, false)
+                .await
+                .is_err()
+        {
+            break None;
         }
         match step {
             Step::NeedInput => {}

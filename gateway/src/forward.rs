@@ -128,6 +128,14 @@ impl Forwarder {
         }
     }
 
+    /// Whether the caller should write `out` now: always at a frame boundary or when
+    /// processing stopped; inside a frame only once `limit` bytes are held back (an incomplete
+    /// frame waits so that a violation inside it can still be answered with a clean close).
+    pub(crate) fn should_flush(&self, out: &[u8], limit: usize, step: &Step) -> bool {
+        !out.is_empty()
+            && (!self.output_mid_frame() || out.len() >= limit || !matches!(step, Step::NeedInput))
+    }
+
     /// The caller wrote (and cleared) the output: a frame begun in it can no longer be
     /// taken back.
     pub(crate) fn flushed(&mut self) {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use codec::frame::{OpCode, write_frame};
 use tokio::sync::Notify;
 
-use crate::forward::ControlPayload;
+use crate::forward::{ControlPayload, Forwarder};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics};
 use crate::uring::Stream;
@@ -69,6 +69,37 @@ impl Leg {
     /// Whether a task is writing to this peer right now.
     pub(crate) fn is_busy(&self) -> bool {
         self.busy.get()
+    }
+
+    /// Writes one batch of a forwarder's output to this peer. The write lock is taken at the
+    /// start of a frame and kept until a batch ends on a frame boundary (`holding` carries
+    /// that across batches), so no other task writes inside a frame. With `discard`, or once
+    /// this peer was sent a close, the batch is dropped instead. The lock is released on error.
+    pub(crate) async fn write_batch(
+        &self,
+        out: &mut Vec<u8>,
+        fwd: &mut Forwarder,
+        holding: &mut bool,
+        discard: bool,
+    ) -> std::io::Result<()> {
+        if !*holding {
+            self.lock().await;
+            *holding = true;
+        }
+        if discard || self.close_sent.get() {
+            out.clear();
+        } else if let Err(e) = self.stream.write_all(out).await {
+            self.unlock();
+            *holding = false;
+            return Err(e);
+        }
+        fwd.flushed();
+        self.partial.set(fwd.output_mid_frame());
+        if !fwd.output_mid_frame() {
+            self.unlock();
+            *holding = false;
+        }
+        Ok(())
     }
 
     /// Writes a close frame (masked toward a backend) unless one was already sent. If a

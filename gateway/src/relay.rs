@@ -302,30 +302,15 @@ impl Relay {
                     .frames(direction, fwd.frames - frames, fwd.payload_bytes - bytes);
                 (frames, bytes) = (fwd.frames, fwd.payload_bytes);
             }
-            // A frame still arriving is held back (up to the buffer bound) so that a
-            // violation inside it can still be answered with a clean close frame.
-            let flush = !out.is_empty()
-                && (!fwd.output_mid_frame()
-                    || out.len() >= limit
-                    || !matches!(step, Step::NeedInput));
-            if flush {
-                if !holding {
-                    dst.lock().await;
-                    holding = true;
-                }
-                if dst.close_sent.get() || self.lifecycle.get() == Lifecycle::Failed {
-                    // The gateway already closed this peer: drop what was meant for it.
-                    out.clear();
-                } else if dst.stream.write_all(&mut out).await.is_err() {
-                    dst.unlock();
-                    holding = false;
+            if fwd.should_flush(&out, limit, &step) {
+                // Once the gateway failed the connection, nothing more is relayed.
+                let discard = self.lifecycle.get() == Lifecycle::Failed;
+                if dst
+                    .write_batch(&mut out, &mut fwd, &mut holding, discard)
+                    .await
+                    .is_err()
+                {
                     break End::Gone(from.other());
-                }
-                fwd.flushed();
-                dst.partial.set(fwd.output_mid_frame());
-                if !fwd.output_mid_frame() {
-                    dst.unlock();
-                    holding = false;
                 }
             }
             match step {
