@@ -6,12 +6,11 @@
 //! Every wait here is bounded, like the rest of the harness.
 
 use std::fmt::Write as _;
-use std::io::{BufRead as _, BufReader};
 use std::net::{IpAddr, SocketAddr};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -21,10 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::{STEP, field, http_exchange, raw_client, within, within_for, ws_config};
-
-/// The bound on the gateway printing its `listen` field.
-const STARTUP: Duration = Duration::from_secs(10);
+use super::{Gateway, STEP, http_exchange, raw_client, within, within_for, ws_config};
 
 // ---------------------------------------------------------------------------------------------
 // The configuration file.
@@ -92,27 +88,11 @@ pub fn preamble(admin: Option<SocketAddr>, extra: &str) -> String {
 // The gateway process.
 // ---------------------------------------------------------------------------------------------
 
-/// A running `gateway` started with exactly the given arguments, killed when dropped; its
-/// stderr is captured line by line. Started by [`ConfigGateway::start`], it owns its config
-/// file.
+/// A gateway started from a config file (or from exact arguments); it owns the file, which
+/// outlives the process. Everything else is [`Gateway`]'s.
 pub struct ConfigGateway {
-    child: Child,
-    /// The first address of the `listen` field.
-    pub addr: SocketAddr,
-    /// Every address of the `listen` field, one per listener.
-    pub addrs: Vec<SocketAddr>,
-    lines: Arc<Mutex<Vec<String>>>,
+    gateway: Gateway,
     file: Option<TempConfig>,
-}
-
-/// The listener addresses in a startup line, text (`listen=a,b`) or JSON (`"listen":"a,b"`).
-fn listen_addrs(line: &str) -> Option<Vec<SocketAddr>> {
-    let parse = |value: &str| value.split(',').map(|a| a.parse().ok()).collect();
-    if let Some(value) = field(line, "listen") {
-        return parse(value);
-    }
-    let json = serde_json::from_str::<serde_json::Value>(line).ok()?;
-    parse(json.get("listen")?.as_str()?)
 }
 
 impl ConfigGateway {
@@ -121,66 +101,20 @@ impl ConfigGateway {
     #[must_use]
     pub fn start(config: &str) -> Self {
         let file = TempConfig::new(config);
-        let arg = file.arg().to_owned();
-        Self::spawn(&["--config", &arg], Some(file))
+        let gateway = Gateway::start_exact(&["--config", file.arg()]);
+        Self {
+            gateway,
+            file: Some(file),
+        }
     }
 
     /// Starts `gateway` with exactly `args` (nothing added) and waits for its `listen` field.
     #[must_use]
     pub fn start_args(args: &[&str]) -> Self {
-        Self::spawn(args, None)
-    }
-
-    fn spawn(args: &[&str], file: Option<TempConfig>) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the gateway binary");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std_mpsc::channel();
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut raw = Vec::new();
-            let mut tx = Some(tx);
-            loop {
-                raw.clear();
-                match reader.read_until(b'\n', &mut raw) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
-                if let Some(addrs) = listen_addrs(&line)
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(addrs);
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut gateway = Self {
-            child,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            addrs: Vec::new(),
-            lines,
-            file,
-        };
-        if let Ok(addrs) = rx.recv_timeout(STARTUP) {
-            gateway.addr = addrs[0];
-            gateway.addrs = addrs;
-        } else {
-            let status = gateway.child.try_wait().ok().flatten();
-            panic!(
-                "gateway {args:?} printed no listen field within {STARTUP:?} (exit status: \
-                 {status:?}); stderr:\n{}",
-                gateway.stderr()
-            );
+        Self {
+            gateway: Gateway::start_exact(args),
+            file: None,
         }
-        gateway
     }
 
     /// The config file this gateway was started from.
@@ -188,92 +122,19 @@ impl ConfigGateway {
     pub fn config(&self) -> &TempConfig {
         self.file.as_ref().expect("started from a config file")
     }
+}
 
-    /// `ws://ADDR{path}`.
-    #[must_use]
-    pub fn url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.addr)
-    }
+impl Deref for ConfigGateway {
+    type Target = Gateway;
 
-    /// Sends the gateway process a signal (`TERM`, `HUP`, ...).
-    pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// Waits (up to `limit`) for the process to exit and returns its exit code.
-    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Every stderr line so far.
-    #[must_use]
-    pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    /// Everything the gateway printed to stderr so far.
-    #[must_use]
-    pub fn stderr(&self) -> String {
-        self.lines().join("\n")
-    }
-
-    /// Waits (up to `limit`) until at least `n` stderr lines satisfy `pred`; returns the
-    /// `n`-th.
-    pub async fn wait_nth_line(
-        &self,
-        limit: Duration,
-        n: usize,
-        pred: impl Fn(&str) -> bool,
-    ) -> Option<String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(line) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| pred(l))
-                .nth(n - 1)
-            {
-                return Some(line.clone());
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits (up to `limit`) for a stderr line for which `pred` holds, and returns it.
-    pub async fn wait_line(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        self.wait_nth_line(limit, 1, pred).await
+    fn deref(&self) -> &Gateway {
+        &self.gateway
     }
 }
 
-impl Drop for ConfigGateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            std::thread::sleep(Duration::from_millis(50));
-            eprintln!(
-                "---- gateway stderr ----\n{}\n------------------------",
-                self.stderr()
-            );
-        }
+impl DerefMut for ConfigGateway {
+    fn deref_mut(&mut self) -> &mut Gateway {
+        &mut self.gateway
     }
 }
 

@@ -60,9 +60,21 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 /// A running `gateway` binary, killed when dropped; its stderr is captured line by line.
 pub struct Gateway {
     child: Child,
-    /// The address the gateway reported in its `listen=` line.
+    /// The first address the gateway reported in its `listen` field.
     pub addr: SocketAddr,
+    /// Every address of the `listen` field, one per listener.
+    pub addrs: Vec<SocketAddr>,
     lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// The listener addresses in a startup line, text (`listen=a,b`) or JSON (`"listen":"a,b"`).
+fn listen_addrs(line: &str) -> Option<Vec<SocketAddr>> {
+    let parse = |value: &str| value.split(',').map(|a| a.parse().ok()).collect();
+    if let Some(value) = field(line, "listen") {
+        return parse(value);
+    }
+    let json = serde_json::from_str::<serde_json::Value>(line).ok()?;
+    parse(json.get("listen")?.as_str()?)
 }
 
 impl Gateway {
@@ -70,16 +82,25 @@ impl Gateway {
     /// `--cores`) and `args`, and waits for its `listen=` line.
     #[must_use]
     pub fn start(args: &[&str]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
-        cmd.args(["--listen", "127.0.0.1:0"]);
+        let mut all = vec!["--listen", "127.0.0.1:0"];
         if !args.contains(&"--cores") {
-            cmd.args(["--cores", "1"]);
+            all.extend(["--cores", "1"]);
         }
-        cmd.args(args)
+        all.extend(args);
+        Self::start_exact(&all)
+    }
+
+    /// Starts the gateway with exactly `args` (nothing added) and waits for its `listen`
+    /// field (text or JSON logs).
+    #[must_use]
+    pub fn start_exact(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn the gateway binary");
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the gateway binary");
         let stderr = child.stderr.take().expect("piped stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std_mpsc::channel();
@@ -95,10 +116,10 @@ impl Gateway {
                     Ok(_) => {}
                 }
                 let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
-                if let Some(addr) = field(&line, "listen").and_then(|a| a.parse().ok())
+                if let Some(addrs) = listen_addrs(&line)
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(addr);
+                    let _ = tx.send(addrs);
                 }
                 sink.lock().unwrap().push(line);
             }
@@ -106,19 +127,54 @@ impl Gateway {
         let mut gateway = Self {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            addrs: Vec::new(),
             lines,
         };
-        if let Ok(addr) = rx.recv_timeout(STARTUP) {
-            gateway.addr = addr;
+        if let Ok(addrs) = rx.recv_timeout(STARTUP) {
+            gateway.addr = addrs[0];
+            gateway.addrs = addrs;
         } else {
             let status = gateway.child.try_wait().ok().flatten();
             panic!(
-                "gateway {args:?} printed no listen= line within {STARTUP:?} (exit status: \
+                "gateway {args:?} printed no listen field within {STARTUP:?} (exit status: \
                  {status:?}); stderr:\n{}",
                 gateway.stderr()
             );
         }
         gateway
+    }
+
+    /// Every stderr line so far.
+    #[must_use]
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits (up to `limit`) until at least `n` stderr lines satisfy `pred`; returns the
+    /// `n`-th.
+    pub async fn wait_nth_line(
+        &self,
+        limit: Duration,
+        n: usize,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| pred(l))
+                .nth(n - 1)
+            {
+                return Some(line.clone());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// `ws://ADDR{path}`.
