@@ -6,15 +6,13 @@
 pub mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 
-use common::{RAW_KEY, WsClient, field, recv_data, within, within_for};
+use common::config::ConfigGateway;
+use common::{RAW_KEY, WsClient, recv_data, within, within_for};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,9 +23,6 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-/// The bound on the gateway printing its `listen=` line.
-const STARTUP: Duration = Duration::from_secs(10);
-
 /// Backend mode: complete the upgrade (anything else is the status to refuse with).
 const UPGRADE: u16 = 101;
 /// Backend mode: read the request, say nothing for [`HANG`], then hang up.
@@ -35,91 +30,6 @@ const SILENT: u16 = 0;
 /// How long a [`SILENT`] backend holds a connection: long enough that a connection attempt
 /// to it cannot pass for an immediate answer.
 const HANG: Duration = Duration::from_millis(300);
-
-// ---------------------------------------------------------------------------------------------
-// A gateway started from a configuration file.
-// ---------------------------------------------------------------------------------------------
-
-/// A `gateway --config FILE` process, killed (and its file removed) when dropped.
-struct ConfigGateway {
-    child: Child,
-    addr: SocketAddr,
-    lines: Arc<Mutex<Vec<String>>>,
-    path: PathBuf,
-}
-
-impl ConfigGateway {
-    fn start(config: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "wsgate-balance-{}-{}.toml",
-            std::process::id(),
-            NEXT.fetch_add(1, Relaxed)
-        ));
-        std::fs::write(&path, config).expect("write the config file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the gateway binary");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std_mpsc::channel();
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = field(&line, "listen").and_then(|a| a.parse().ok())
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(addr);
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut gateway = Self {
-            child,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            lines,
-            path,
-        };
-        let Ok(addr) = rx.recv_timeout(STARTUP) else {
-            panic!(
-                "gateway printed no listen= line within {STARTUP:?}; config:\n{config}\nstderr:\n{}",
-                gateway.stderr()
-            );
-        };
-        gateway.addr = addr;
-        gateway
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/", self.addr)
-    }
-
-    fn stderr(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for ConfigGateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.path);
-        if std::thread::panicking() {
-            std::thread::sleep(Duration::from_millis(50));
-            eprintln!(
-                "---- gateway stderr ----\n{}\n------------------------",
-                self.stderr()
-            );
-        }
-    }
-}
 
 /// A one-route configuration sending every path to `[upstream.pool]` over `backends`, with
 /// `extra` lines for the pool table.
@@ -301,7 +211,7 @@ async fn read_head(stream: &mut TcpStream) -> Option<String> {
 /// Opens a client (with `X-User: user` if given). `Ok` carries the connection and the name of
 /// the backend that greeted it; `Err` the HTTP status of a refused upgrade.
 async fn open(gw: &ConfigGateway, user: Option<&str>) -> Result<(WsClient, String), u16> {
-    let mut req = gw.url().into_client_request().expect("client request");
+    let mut req = gw.url("/").into_client_request().expect("client request");
     if let Some(user) = user {
         req.headers_mut()
             .insert("X-User", HeaderValue::from_str(user).expect("header value"));
