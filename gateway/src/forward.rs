@@ -85,19 +85,6 @@ enum FrameState {
         /// Uncompressed text: unmasked and UTF-8 checked before re-masking.
         text: bool,
     },
-    /// Collecting a control frame's payload before acting on it.
-    Control {
-        /// Close, ping or pong.
-        opcode: OpCode,
-        /// The sender's masking key.
-        in_key: Option<[u8; 4]>,
-        /// The payload length announced by the header.
-        len: u8,
-        /// Bytes collected so far.
-        have: u8,
-        /// The collected payload.
-        buf: [u8; MAX_CONTROL_PAYLOAD],
-    },
 }
 
 /// One direction of a relayed (or echoed) connection.
@@ -163,7 +150,6 @@ impl Forwarder {
             let result = match self.state {
                 FrameState::Header => self.begin_frame(rest, out),
                 FrameState::Data { .. } => self.stream_data(rest, out),
-                FrameState::Control { .. } => self.collect_control(rest, out),
             };
             match result {
                 Ok(Flow::Advanced(used)) => pos += used,
@@ -182,17 +168,18 @@ impl Forwarder {
             Ok(Decoded::Incomplete { .. }) => return Ok(Flow::Starved),
             Err(e) => return Err((0, e)),
         };
+        if header.opcode.is_control() {
+            // At most 2 + 4 + 125 bytes: wait until the whole frame is buffered, then act on
+            // it in one piece (no per-connection buffer for partial control frames).
+            let total = len + header.payload_len as usize;
+            if input.len() < total {
+                return Ok(Flow::Starved);
+            }
+            return self.control_frame(&header, &input[len..total], total, out);
+        }
         match self.validator.begin_frame(&header) {
             Err(e) => return Err((len, e)),
-            Ok(PayloadKind::Control) => {
-                self.state = FrameState::Control {
-                    opcode: header.opcode,
-                    in_key: header.mask,
-                    len: header.payload_len as u8,
-                    have: 0,
-                    buf: [0; MAX_CONTROL_PAYLOAD],
-                };
-            }
+            Ok(PayloadKind::Control) => unreachable!("control frames are handled above"),
             Ok(kind) => {
                 let out_key = self.out_key();
                 let mut head = [0; MAX_HEADER_LEN];
@@ -286,43 +273,31 @@ impl Forwarder {
         Ok(Flow::Advanced(n))
     }
 
-    /// Collects a control frame's payload; once whole, acts on it.
-    fn collect_control(&mut self, input: &[u8], out: &mut Vec<u8>) -> Progress {
-        let FrameState::Control {
-            opcode,
-            in_key,
-            len,
-            have,
-            buf,
-        } = &mut self.state
-        else {
-            unreachable!("collect_control outside a control frame")
+    /// Validates and acts on a whole control frame (`consumed` bytes of input, header
+    /// included): close stops processing, pings and pongs are relayed or answered.
+    fn control_frame(
+        &mut self,
+        header: &FrameHeader,
+        payload: &[u8],
+        consumed: usize,
+        out: &mut Vec<u8>,
+    ) -> Progress {
+        self.validator
+            .begin_frame(header)
+            .map_err(|e| (consumed, e))?;
+        self.validator.end_frame().map_err(|e| (consumed, e))?;
+        let mut control = ControlPayload {
+            buf: [0; MAX_CONTROL_PAYLOAD],
+            len: payload.len() as u8,
         };
-        let n = usize::from(*len - *have).min(input.len());
-        let at = usize::from(*have);
-        buf[at..at + n].copy_from_slice(&input[..n]);
-        *have += n as u8;
-        if *have < *len {
-            return Ok(if n == 0 {
-                Flow::Starved
-            } else {
-                Flow::Advanced(n)
-            });
+        control.buf[..payload.len()].copy_from_slice(payload);
+        if let Some(key) = header.mask {
+            mask::apply_mask(&mut control.buf[..payload.len()], key);
         }
-        if let Some(key) = *in_key {
-            mask::apply_mask(&mut buf[..usize::from(*len)], key);
-        }
-        let control = ControlPayload {
-            buf: *buf,
-            len: *len,
-        };
-        let opcode = *opcode;
-        self.state = FrameState::Header;
-        self.validator.end_frame().map_err(|e| (n, e))?;
-        match (opcode, self.mode) {
+        match (header.opcode, self.mode) {
             (OpCode::Close, _) => {
-                close::parse_close(control.bytes()).map_err(|e| (n, e))?;
-                return Ok(Flow::Stop(n, Step::Close(Box::new(control))));
+                close::parse_close(control.bytes()).map_err(|e| (consumed, e))?;
+                return Ok(Flow::Stop(consumed, Step::Close(Box::new(control))));
             }
             (OpCode::Ping, Mode::Echo) => {
                 write_frame(out, true, OpCode::Pong, None, control.bytes());
@@ -331,13 +306,13 @@ impl Forwarder {
             (OpCode::Pong, Mode::Echo) => {}
             // The answer to the gateway's own keepalive ping: not the other peer's business.
             (OpCode::Pong, Mode::Relay { .. }) if control.bytes() == KEEPALIVE_PAYLOAD => {}
-            (_, Mode::Relay { .. }) => {
+            (opcode, Mode::Relay { .. }) => {
                 write_frame(out, true, opcode, self.out_key(), control.bytes());
                 self.frames += 1;
             }
             (_, Mode::Echo) => unreachable!("control opcodes are close, ping, pong"),
         }
-        Ok(Flow::Advanced(n))
+        Ok(Flow::Advanced(consumed))
     }
 }
 
