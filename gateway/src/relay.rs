@@ -26,8 +26,10 @@ use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::uring::Stream;
 
 /// Reads start this small so an idle connection pins little memory under io_uring (a pending
-/// read owns its buffer), and grow while reads keep filling them.
-pub(crate) const MIN_READ: usize = 256;
+/// read owns its buffer), and grow while reads keep filling them. Every read reserves at least
+/// this much room beyond what is buffered, so a control frame the forwarder waits to have
+/// whole (at most 131 bytes) always arrives within a read or two.
+pub(crate) const MIN_READ: usize = 128;
 /// The default bound on bytes buffered per direction (read buffer, held-back frame).
 pub(crate) const DEFAULT_BUFFER: usize = 64 * 1024;
 
