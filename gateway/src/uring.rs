@@ -14,8 +14,17 @@ use std::time::Duration;
 use tokio_uring::buf::BoundedBuf;
 
 /// Runs `future` to completion on a fresh io_uring runtime on the calling thread.
+///
+/// `COOP_TASKRUN`: completions are handed to this thread when it next enters the kernel
+/// instead of by interrupting it, which suits one thread that owns its ring and enters the
+/// kernel on every loop anyway.
 pub(crate) fn run<F: Future>(future: F) -> F::Output {
-    tokio_uring::start(future)
+    let mut ring = tokio_uring::uring_builder();
+    ring.setup_coop_taskrun();
+    tokio_uring::builder()
+        .entries(1024)
+        .uring_builder(&ring)
+        .start(future)
 }
 
 /// Spawns a task on the current core's runtime; it never migrates to another thread.
