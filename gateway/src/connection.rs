@@ -2,7 +2,9 @@
 //! and the access log.
 #![forbid(unsafe_code)]
 
+use std::future::Future;
 use std::net::{Shutdown, SocketAddr};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +13,8 @@ use codec::handshake::{
     self, HandshakeError, HeadLimits, UpgradeRequest, offers_permessage_deflate,
 };
 
+use crate::admission::Admitted;
+use crate::balance::ActiveGuard;
 use crate::config::{Route, Upstream};
 use crate::keepalive::Keepalive;
 use crate::relay::{MIN_READ, Outcome, Relay, Settings};
@@ -30,7 +34,98 @@ enum ClientHello {
 }
 
 /// Serves one accepted connection to the end.
+///
+/// Two phases, each boxed and finished before the next begins: a task's future is as large as
+/// its largest state, and a connection that sits idle for hours should hold only what relaying
+/// needs, not the handshake's request, routing state and refusal paths.
 pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
+    // The session moves into its phase's box inside this block, so this future keeps no room
+    // for it while the phase runs.
+    let phase: Pin<Box<dyn Future<Output = ()> + '_>> = {
+        let Some(session) = Box::pin(upgrade(stream, client, &core)).await else {
+            return;
+        };
+        match session {
+            Session::Echo(echo) => Box::pin(echo.run(&core)),
+            Session::Proxy(proxy) => Box::pin(proxy.run(&core)),
+        }
+    };
+    phase.await;
+}
+
+/// An upgraded connection, with only what its relaying phase needs.
+#[expect(clippy::large_enum_variant)] // short-lived: each moves into its phase's box at once
+enum Session {
+    /// Served by the embedded echo.
+    Echo(EchoSession),
+    /// Relayed to a backend.
+    Proxy(ProxySession),
+}
+
+/// What the access log line of a connection needs.
+struct LogLine {
+    client: SocketAddr,
+    path: String,
+    backend: String,
+    started: Instant,
+}
+
+/// A client upgraded onto the embedded echo.
+struct EchoSession {
+    stream: Stream,
+    input: Vec<u8>,
+    settings: Settings,
+    log: LogLine,
+    /// Holds the connection's admission slot until it ends.
+    admitted: Admitted,
+}
+
+impl EchoSession {
+    // An `async move` block rather than an `async fn`: an `async fn` keeps a second copy of
+    // its by-value arguments in its future. A block captures only the fields it names, so the
+    // guards are released by name at the end: otherwise they would drop as soon as the future
+    // is made.
+    #[expect(clippy::manual_async_fn)] // see above
+    fn run(self, core: &Core) -> impl Future<Output = ()> + '_ {
+        async move {
+            let outcome = crate::echo::serve(
+                self.stream,
+                self.input,
+                self.settings,
+                &core.drain,
+                &core.metrics,
+            )
+            .await;
+            self.log.write(&outcome);
+            drop(self.admitted);
+        }
+    }
+}
+
+/// A client upgraded and relayed to a backend.
+struct ProxySession {
+    relay: Relay,
+    log: LogLine,
+    /// Counts the connection toward its backend's load until it ends.
+    active: ActiveGuard,
+    /// Holds the connection's admission slot until it ends.
+    admitted: Admitted,
+}
+
+impl ProxySession {
+    // `async move`, not `async fn`, and guards released by name: see `EchoSession::run`.
+    #[expect(clippy::manual_async_fn)] // see `EchoSession::run`
+    fn run(self, core: &Core) -> impl Future<Output = ()> + '_ {
+        async move {
+            let outcome = self.relay.run(&core.drain).await;
+            self.log.write(&outcome);
+            drop((self.active, self.admitted));
+        }
+    }
+}
+
+/// Reads the client's request and answers it: an upgraded session, or a refusal (then none).
+async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Session> {
     let started = Instant::now();
     drop(stream.set_nodelay());
     // The generation current at accept time serves this connection to its end: a reload
@@ -47,18 +142,18 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
         Ok(ClientHello::Refused(e)) => {
             let mut out = Vec::new();
             e.write_response(&mut out);
-            respond(&stream, &core, e.http_status(), out).await;
+            respond(&stream, core, e.http_status(), out).await;
             tracing::info!(%client, status = e.http_status(), error = e.as_str(), "handshake refused");
-            return;
+            return None;
         }
         Ok(ClientHello::Gone(why)) => {
             tracing::debug!(%client, why, "client left before upgrading");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::info!(%client, "handshake timed out");
             stream.shutdown(Shutdown::Both);
-            return;
+            return None;
         }
     };
     if core.drain.is_draining() {
@@ -70,14 +165,15 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
             "the gateway is shutting down",
             "Retry-After: 1\r\n",
         );
-        return respond(&stream, &core, 503, out).await;
+        respond(&stream, core, 503, out).await;
+        return None;
     }
     let admitted = core.shared.admission.admit(
         client.ip(),
         limits.max_connections,
         limits.max_connections_per_ip,
     );
-    let _admitted = match admitted {
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
             tracing::info!(%client, path = req.path, why = refusal.as_str(), "upgrade refused");
@@ -87,36 +183,38 @@ pub(crate) async fn serve(stream: Stream, client: SocketAddr, core: Rc<Core>) {
                 refusal.as_str(),
                 "Retry-After: 1\r\n",
             );
-            return respond(&stream, &core, 429, out).await;
+            respond(&stream, core, 429, out).await;
+            return None;
         }
     };
     let Some(route) = cfg.route(&req.host, &req.path) else {
         tracing::info!(%client, host = req.host, path = req.path, "no route");
         let out = plain(404, "Not Found", "no route for this host and path", "");
-        return respond(&stream, &core, 404, out).await;
+        respond(&stream, core, 404, out).await;
+        return None;
     };
     if !route.allows_origin(req.header("Origin")) {
         let origin = req.header("Origin").map(String::from_utf8_lossy);
         let upstream = cfg.upstream_name(route.upstream);
         tracing::info!(%client, path = req.path, upstream, origin = ?origin, "origin not allowed");
         let out = plain(403, "Forbidden", "origin not allowed", "");
-        return respond(&stream, &core, 403, out).await;
+        respond(&stream, core, 403, out).await;
+        return None;
     }
     let settings = settings(&generation);
     let conn = Conn {
         stream,
         client,
-        core: &core,
+        core,
         route,
         settings,
         started,
         req,
         leftover,
+        admitted,
     };
     match route.upstream {
-        // Each phase is boxed: a task's future is as large as its largest state, and every
-        // idle connection pays for it.
-        Upstream::Echo => Box::pin(conn.echo()).await,
+        Upstream::Echo => conn.echo().await,
         Upstream::Pool(pool) => Box::pin(conn.proxy(&generation, pool)).await,
     }
 }
@@ -147,37 +245,37 @@ struct Conn<'a> {
     started: Instant,
     req: UpgradeRequest,
     leftover: Vec<u8>,
+    admitted: Admitted,
 }
 
 impl Conn<'_> {
-    /// Upgrades the client and serves it from the embedded echo.
-    async fn echo(self) {
+    /// Upgrades the client onto the embedded echo.
+    async fn echo(self) -> Option<Session> {
         let mut out = Vec::new();
         handshake::write_response(&mut out, &self.req.key, None, None);
         self.core.metrics.upgrade(101);
         if self.stream.write_all(&mut out).await.is_err() {
-            return;
+            return None;
         }
-        let path = {
-            let req = self.req;
-            req.path
-        };
-        let outcome = crate::echo::serve(
-            self.stream,
-            compact(self.leftover),
-            Settings {
+        Some(Session::Echo(EchoSession {
+            stream: self.stream,
+            input: compact(self.leftover),
+            settings: Settings {
                 limits: self.route.limits,
                 ..self.settings
             },
-            &self.core.drain,
-            &self.core.metrics,
-        )
-        .await;
-        access_log(self.client, &path, "echo", self.started, &outcome);
+            log: LogLine {
+                client: self.client,
+                path: self.req.path,
+                backend: String::from("echo"),
+                started: self.started,
+            },
+            admitted: self.admitted,
+        }))
     }
 
-    /// Connects the backend leg and relays.
-    async fn proxy(self, generation: &Generation, pool_index: usize) {
+    /// Connects the backend leg and upgrades the client (or refuses it: then none).
+    async fn proxy(self, generation: &Generation, pool_index: usize) -> Option<Session> {
         let cfg = &generation.config;
         let pool = &cfg.pools[pool_index];
         let target = Target {
@@ -189,7 +287,10 @@ impl Conn<'_> {
         };
         let up = match Box::pin(crate::upstream::open(&target, &self.req, self.client)).await {
             Ok(up) => up,
-            Err(e) => return self.refuse(pool, e).await,
+            Err(e) => {
+                Box::pin(self.refuse(pool, e)).await;
+                return None;
+            }
         };
         let mut out = Vec::new();
         handshake::write_response(
@@ -201,39 +302,34 @@ impl Conn<'_> {
         self.core.metrics.upgrade(101);
         if self.stream.write_all(&mut out).await.is_err() {
             up.stream.shutdown(Shutdown::Both);
-            return;
+            return None;
         }
         let deflate = up
             .extensions
             .as_deref()
             .is_some_and(offers_permessage_deflate);
-        let backend_name = pool.backends[up.backend].to_string();
-        // Keep only what the access log needs: the rest of the request (its headers) is
-        // dropped here rather than live as long as the connection.
-        let path = {
-            let req = self.req;
-            req.path
-        };
-        let _active = up.active;
         let settings = Settings {
             limits: self.route.limits,
             deflate,
             ..self.settings
         };
-        let relay = Relay::new(
-            self.stream,
-            up.stream,
-            settings,
-            Arc::clone(&self.core.metrics),
-        );
-        let outcome = relay
-            .run(
-                compact(self.leftover),
-                compact(up.leftover),
-                &self.core.drain,
-            )
-            .await;
-        access_log(self.client, &path, &backend_name, self.started, &outcome);
+        // The request's headers end here: only the path lives on, for the access log.
+        Some(Session::Proxy(ProxySession {
+            relay: Relay::new(
+                (self.stream, compact(self.leftover)),
+                (up.stream, compact(up.leftover)),
+                settings,
+                Arc::clone(&self.core.metrics),
+            ),
+            log: LogLine {
+                client: self.client,
+                path: self.req.path,
+                backend: pool.backends[up.backend].to_string(),
+                started: self.started,
+            },
+            active: up.active,
+            admitted: self.admitted,
+        }))
     }
 
     /// Answers a client whose upgrade no backend took: 502, or the backend's own refusal.
@@ -317,17 +413,20 @@ fn plain(status: u16, reason: &str, body: &str, extra_headers: &str) -> Vec<u8> 
     .into_bytes()
 }
 
-fn access_log(client: SocketAddr, path: &str, backend: &str, started: Instant, o: &Outcome) {
-    tracing::info!(
-        %client,
-        path,
-        backend,
-        duration_ms = started.elapsed().as_millis() as u64,
-        bytes_in = o.bytes_in,
-        bytes_out = o.bytes_out,
-        close_code = o.close_code.map_or(1006, codec::CloseCode::get),
-        closed_by = o.closed_by.unwrap_or("gateway"),
-        close_timeout = o.timed_out,
-        "connection closed"
-    );
+impl LogLine {
+    /// Writes the connection's access log line.
+    fn write(&self, o: &Outcome) {
+        tracing::info!(
+            client = %self.client,
+            path = self.path,
+            backend = self.backend,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            bytes_in = o.bytes_in,
+            bytes_out = o.bytes_out,
+            close_code = o.close_code.map_or(1006, codec::CloseCode::get),
+            closed_by = o.closed_by.unwrap_or("gateway"),
+            close_timeout = o.timed_out,
+            "connection closed"
+        );
+    }
 }

@@ -64,7 +64,7 @@ async fn watchdog(leg: &Leg, settings: &Settings, drain: &Drain, closed: &Cell<O
                 };
                 break ControlPayload::close(code, reason);
             }
-            () = tokio::time::sleep(keepalive.tick()), if keepalive.enabled() => {
+            () = keepalive.next_tick() => {
                 let now = Instant::now();
                 if keepalive.is_idle(now, leg.last_seen.get()) {
                     break ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout");

@@ -32,6 +32,16 @@ impl Keepalive {
         !self.ping_interval.is_zero() || !self.idle.is_zero()
     }
 
+    /// Waits one tick; never ends when keepalive is off. The timer is boxed and made only
+    /// when needed: inline, it would take room in every idle connection's watchdog.
+    pub(crate) async fn next_tick(&self) {
+        if self.enabled() {
+            Box::pin(tokio::time::sleep(self.tick())).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// How often the timer should wake: often enough to honour every deadline within a
     /// quarter of the shortest one.
     pub(crate) fn tick(&self) -> Duration {

@@ -79,6 +79,12 @@ enum GatewayClose {
 pub(crate) struct Relay {
     client: Leg,
     backend: Leg,
+    /// Bytes that arrived with the client's handshake, until its pump takes them. Kept here
+    /// rather than passed down: every future a by-value argument passes through keeps room for
+    /// it for the connection's whole life.
+    client_input: Cell<Vec<u8>>,
+    /// Bytes that arrived with the backend's 101, until its pump takes them.
+    backend_input: Cell<Vec<u8>>,
     settings: Settings,
     lifecycle: Cell<Lifecycle>,
     /// Signalled when the lifecycle leaves `Open`, which starts the close timeout.
@@ -90,15 +96,18 @@ pub(crate) struct Relay {
 }
 
 impl Relay {
+    /// `client_input` and `backend_input` hold bytes that arrived with the handshakes.
     pub(crate) fn new(
-        client: Stream,
-        backend: Stream,
+        (client, client_input): (Stream, Vec<u8>),
+        (backend, backend_input): (Stream, Vec<u8>),
         settings: Settings,
         metrics: Arc<CoreMetrics>,
     ) -> Self {
         Self {
             client: Leg::new(client, Side::Client, Arc::clone(&metrics)),
             backend: Leg::new(backend, Side::Backend, Arc::clone(&metrics)),
+            client_input: Cell::new(client_input),
+            backend_input: Cell::new(backend_input),
             settings,
             lifecycle: Cell::new(Lifecycle::Open),
             closing: Notify::new(),
@@ -140,21 +149,10 @@ impl Relay {
 
     /// Relays until both directions are done or the close timeout expires.
     ///
-    /// `client_input` and `backend_input` hold bytes that arrived with the handshakes.
     /// Arguments stay allocated in the future for its whole life, so they are kept small: each
     /// pump builds its own forwarder.
-    pub(crate) async fn run(
-        &self,
-        client_input: Vec<u8>,
-        backend_input: Vec<u8>,
-        drain: &Drain,
-    ) -> Outcome {
-        let pumps = async {
-            tokio::join!(
-                self.pump(Side::Client, client_input),
-                self.pump(Side::Backend, backend_input)
-            )
-        };
+    pub(crate) async fn run(&self, drain: &Drain) -> Outcome {
+        let pumps = async { tokio::join!(self.pump(Side::Client), self.pump(Side::Backend)) };
         tokio::pin!(pumps);
         let (a, b) = tokio::select! {
             done = &mut pumps => done,
@@ -178,13 +176,13 @@ impl Relay {
     /// Once it is closing: the close timeout, after which a peer still waiting for a reply
     /// gets one from the gateway. Returns when the sockets should be shut down.
     async fn watchdog(&self, drain: &Drain) {
-        let keepalive = self.settings.keepalive;
+        let keepalive = &self.settings.keepalive;
         while self.lifecycle.get().is_open() {
             tokio::select! {
                 () = self.closing.notified() => {}
                 code = drain.wait() => Box::pin(self.gateway_close(GatewayClose::Drain(code))).await,
-                () = tokio::time::sleep(keepalive.tick()), if keepalive.enabled() => {
-                    if let Some(why) = Box::pin(self.keepalive_check(&keepalive)).await {
+                () = keepalive.next_tick() => {
+                    if let Some(why) = Box::pin(self.keepalive_check(keepalive)).await {
                         Box::pin(self.gateway_close(why)).await;
                     }
                 }
@@ -274,7 +272,7 @@ impl Relay {
     ///
     /// The close paths are boxed: they run once per connection, and inline they would make
     /// every idle connection's future as large as the largest of them.
-    async fn pump(&self, from: Side, mut input: Vec<u8>) -> u64 {
+    async fn pump(&self, from: Side) -> u64 {
         // Frames from the client are decoded as a server and re-masked for the backend;
         // frames from the backend are decoded as a client and go out unmasked.
         let (role, mask_out) = match from {
@@ -289,6 +287,10 @@ impl Relay {
         );
         let src = self.leg(from);
         let dst = self.leg(from.other());
+        let mut input = match from {
+            Side::Client => self.client_input.take(),
+            Side::Backend => self.backend_input.take(),
+        };
         let limit = self.settings.buffer;
         let mut out = Vec::new();
         let mut holding = false;
