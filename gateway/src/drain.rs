@@ -38,6 +38,15 @@ impl Drain {
         self.code.get().is_some()
     }
 
+    /// The close reason sent with a drain's `code`.
+    pub(crate) fn reason(code: CloseCode) -> &'static str {
+        if code == CloseCode::SERVICE_RESTART {
+            "gateway restarting"
+        } else {
+            "gateway shutting down"
+        }
+    }
+
     /// Resolves with the close code once a drain begins (at once if it already has).
     pub(crate) async fn wait(&self) -> CloseCode {
         loop {

@@ -15,8 +15,7 @@ use codec::frame::Role;
 
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
-use crate::keepalive::Verdict;
-use crate::leg::Leg;
+use crate::leg::{Alarm, Leg, keepalive_tick};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::relay::{MIN_READ, Outcome, Settings};
@@ -53,26 +52,18 @@ pub(crate) async fn serve(
 
 /// Keepalive and drain while the client is active, then the close timeout.
 async fn watchdog(leg: &Leg, settings: &Settings, drain: &Drain, closed: &Cell<Option<CloseCode>>) {
-    let keepalive = settings.keepalive;
     let close = loop {
         tokio::select! {
-            code = drain.wait() => {
-                let reason = if code == CloseCode::SERVICE_RESTART {
-                    "gateway restarting"
-                } else {
-                    "gateway shutting down"
-                };
-                break ControlPayload::close(code, reason);
-            }
-            () = keepalive.next_tick() => {
-                let now = Instant::now();
-                if keepalive.is_idle(now, leg.last_seen.get()) {
-                    break ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout");
-                }
-                match keepalive.verdict(now, leg.last_seen.get(), leg.pinged.get()) {
-                    Verdict::Fine => {}
-                    Verdict::Ping => leg.send_ping().await,
-                    Verdict::Dead => break ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
+            code = drain.wait() => break ControlPayload::close(code, Drain::reason(code)),
+            () = settings.keepalive.next_tick() => {
+                match Box::pin(keepalive_tick(&[leg], &settings.keepalive)).await {
+                    None => {}
+                    Some(Alarm::Idle) => {
+                        break ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout");
+                    }
+                    Some(Alarm::Dead(_)) => {
+                        break ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout");
+                    }
                 }
             }
         }

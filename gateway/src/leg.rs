@@ -11,6 +11,7 @@ use codec::frame::{OpCode, write_frame};
 use tokio::sync::Notify;
 
 use crate::forward::{ControlPayload, Forwarder};
+use crate::keepalive::{Keepalive, Verdict};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics};
 use crate::uring::Stream;
@@ -140,4 +141,31 @@ impl Leg {
         write_frame(&mut frame, true, opcode, mask, payload);
         self.stream.write_all(&mut frame).await
     }
+}
+
+/// Why a keepalive tick ends a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Alarm {
+    /// No leg sent anything for the idle timeout.
+    Idle,
+    /// This leg was pinged and stayed silent past the pong deadline.
+    Dead(Side),
+}
+
+/// One keepalive tick over a connection's legs (two for a relay, one for the echo): pings
+/// the legs that are due, and says whether the connection is idle or a leg is dead.
+pub(crate) async fn keepalive_tick(legs: &[&Leg], keepalive: &Keepalive) -> Option<Alarm> {
+    let now = Instant::now();
+    let latest = legs.iter().map(|leg| leg.last_seen.get()).max()?;
+    if keepalive.is_idle(now, latest) {
+        return Some(Alarm::Idle);
+    }
+    for leg in legs {
+        match keepalive.verdict(now, leg.last_seen.get(), leg.pinged.get()) {
+            Verdict::Fine => {}
+            Verdict::Ping => leg.send_ping().await,
+            Verdict::Dead => return Some(Alarm::Dead(leg.side)),
+        }
+    }
+    None
 }

@@ -19,8 +19,8 @@ use tokio::sync::Notify;
 
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
-use crate::keepalive::{Keepalive, Verdict};
-use crate::leg::Leg;
+use crate::keepalive::Keepalive;
+use crate::leg::{Alarm, Leg, keepalive_tick};
 use crate::lifecycle::{Lifecycle, OnClose, Side};
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::uring::Stream;
@@ -182,8 +182,13 @@ impl Relay {
                 () = self.closing.notified() => {}
                 code = drain.wait() => Box::pin(self.gateway_close(GatewayClose::Drain(code))).await,
                 () = keepalive.next_tick() => {
-                    if let Some(why) = Box::pin(self.keepalive_check(keepalive)).await {
-                        Box::pin(self.gateway_close(why)).await;
+                    let legs = [&self.client, &self.backend];
+                    match Box::pin(keepalive_tick(&legs, keepalive)).await {
+                        None => {}
+                        Some(Alarm::Idle) => Box::pin(self.gateway_close(GatewayClose::Idle)).await,
+                        Some(Alarm::Dead(side)) => {
+                            Box::pin(self.gateway_close(GatewayClose::Dead(side))).await;
+                        }
                     }
                 }
             }
@@ -207,44 +212,16 @@ impl Relay {
         }
     }
 
-    /// Pings legs that are due and reports a dead leg or an idle connection.
-    async fn keepalive_check(&self, keepalive: &Keepalive) -> Option<GatewayClose> {
-        let now = Instant::now();
-        let latest = self
-            .client
-            .last_seen
-            .get()
-            .max(self.backend.last_seen.get());
-        if keepalive.is_idle(now, latest) {
-            return Some(GatewayClose::Idle);
-        }
-        for leg in [&self.client, &self.backend] {
-            match keepalive.verdict(now, leg.last_seen.get(), leg.pinged.get()) {
-                Verdict::Fine => {}
-                Verdict::Ping => leg.send_ping().await,
-                Verdict::Dead => return Some(GatewayClose::Dead(leg.side)),
-            }
-        }
-        None
-    }
-
     /// Closes both peers on the gateway's own initiative; their replies are absorbed.
     async fn gateway_close(&self, why: GatewayClose) {
         if !self.lifecycle.get().is_open() {
             return;
         }
         let (to_client, to_backend) = match why {
-            GatewayClose::Drain(code) => {
-                let reason = if code == CloseCode::SERVICE_RESTART {
-                    "gateway restarting"
-                } else {
-                    "gateway shutting down"
-                };
-                (
-                    ControlPayload::close(code, reason),
-                    ControlPayload::close(code, reason),
-                )
-            }
+            GatewayClose::Drain(code) => (
+                ControlPayload::close(code, Drain::reason(code)),
+                ControlPayload::close(code, Drain::reason(code)),
+            ),
             GatewayClose::Dead(Side::Client) => (
                 ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
                 ControlPayload::close(CloseCode::GOING_AWAY, "client stopped answering"),
