@@ -46,6 +46,9 @@ pub(crate) struct Summary {
     pub(crate) connections_opened: f64,
     /// Verified echoes in the measured window.
     pub(crate) messages: f64,
+    /// Verified echoes outside it (ramp and warmup): the proxy's CPU time covers them too.
+    #[serde(default)]
+    pub(crate) unmeasured_messages: f64,
     /// Verified echoes per second.
     pub(crate) messages_per_s: f64,
     /// Connect+upgrade+close cycles per second.

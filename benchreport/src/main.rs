@@ -67,13 +67,13 @@ fn write_charts(dir: &Path, samples: &[Sample]) -> Result<Vec<Chart>, Box<dyn st
                 "msgs",
                 "msgs/s",
                 "Throughput",
-                extract_msgs as fn(&Sample) -> Option<f64>,
+                report::msgs_per_s as fn(&Sample) -> Option<f64>,
             ),
             (
                 "cpu",
                 "proxy CPU-s per M msgs",
                 "Proxy CPU per million messages",
-                extract_cpu,
+                report::cpu_per_million,
             ),
         ];
         for (short, y_desc, what, extract) in figures {
@@ -92,16 +92,6 @@ fn write_charts(dir: &Path, samples: &[Sample]) -> Result<Vec<Chart>, Box<dyn st
         }
     }
     Ok(out)
-}
-
-fn extract_msgs(s: &Sample) -> Option<f64> {
-    s.run.as_ref().map(|r| r.summary.messages_per_s)
-}
-
-fn extract_cpu(s: &Sample) -> Option<f64> {
-    let messages = s.run.as_ref()?.summary.messages;
-    let cpu = s.entry.proxy_cpu_s?;
-    (messages > 0.0).then(|| cpu / messages * 1e6)
 }
 
 /// The report body; chart links are prefixed with `link_prefix`.

@@ -36,7 +36,7 @@ fn pct(s: &Sample, hist: &str, p: f64) -> Option<f64> {
     s.run.as_ref()?.percentile(hist, p)
 }
 
-fn msgs_per_s(s: &Sample) -> Option<f64> {
+pub(crate) fn msgs_per_s(s: &Sample) -> Option<f64> {
     s.run.as_ref().map(|r| r.summary.messages_per_s)
 }
 
@@ -44,9 +44,11 @@ fn errors(s: &Sample) -> Option<f64> {
     s.run.as_ref().map(|r| r.summary.errors_total)
 }
 
-/// Proxy CPU seconds per million verified echoes.
-fn cpu_per_million(s: &Sample) -> Option<f64> {
-    let messages = s.run.as_ref()?.summary.messages;
+/// Proxy CPU seconds per million verified echoes. The CPU time spans loadgen's whole run,
+/// warmup included, so every echo of the run counts, not only the measured ones.
+pub(crate) fn cpu_per_million(s: &Sample) -> Option<f64> {
+    let summary = &s.run.as_ref()?.summary;
+    let messages = summary.messages + summary.unmeasured_messages;
     let cpu = s.entry.proxy_cpu_s?;
     (messages > 0.0).then(|| cpu / messages * 1e6)
 }
@@ -451,6 +453,19 @@ mod tests {
             },
             run: Some(LoadgenRun::parse(&json).unwrap()),
         }
+    }
+
+    #[test]
+    fn cpu_counts_warmup_echoes_too() {
+        // The proxy's CPU seconds span loadgen's whole run: 2 s of it for 1,000,000 measured
+        // and 250,000 warmup echoes is 1.6 s per million, not 2.
+        let json = r#"{"summary": {"connections_opened": 100, "messages": 1000000,
+            "unmeasured_messages": 250000, "messages_per_s": 125000, "handshakes_per_s": 0,
+            "errors_total": 0}}"#;
+        let mut s = sample("gateway", 1, 0.0, Some(2.0));
+        s.run = Some(LoadgenRun::parse(json).unwrap());
+        let cpu = cpu_per_million(&s).unwrap();
+        assert!((cpu - 1.6).abs() < 1e-9, "{cpu}");
     }
 
     #[test]
