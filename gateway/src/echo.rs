@@ -85,14 +85,12 @@ async fn echo(
 ) -> Outcome {
     let mut fwd = Forwarder::new(Role::Server, settings.limits, false, Mode::Echo);
     let (mut frames, mut bytes) = (0, 0);
-    let mut out = Vec::new();
     let mut holding = false;
     let limit = settings.buffer;
     let mut read_size = MIN_READ.min(limit);
     let mut outcome = Outcome::default();
     let reply = loop {
-        let (used, step) = fwd.process(&input, &mut out);
-        input.drain(..used);
+        let step = fwd.process(&mut input);
         if fwd.frames != frames || fwd.payload_bytes != bytes {
             // Each frame is counted both ways: in from the client, and echoed back.
             let (df, db) = (fwd.frames - frames, fwd.payload_bytes - bytes);
@@ -100,9 +98,9 @@ async fn echo(
             metrics.frames(Direction::BackendToClient, df, db);
             (frames, bytes) = (fwd.frames, fwd.payload_bytes);
         }
-        if fwd.should_flush(&out, limit, &step)
+        if fwd.should_flush(limit, &step)
             && leg
-                .write_batch(&mut out, &mut fwd, &mut holding, false)
+                .write_batch(&mut input, &mut fwd, &mut holding, false)
                 .await
                 .is_err()
         {

@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 use codec::close::{self, CloseCode, MAX_CONTROL_PAYLOAD};
-use codec::frame::{Decoded, FrameHeader, MAX_HEADER_LEN, OpCode, Role, write_frame};
+use codec::frame::{Decoded, FrameHeader, MAX_HEADER_LEN, OpCode, Role};
 use codec::message::{Limits, MessageValidator, PayloadKind};
 use codec::{ProtocolError, mask};
 
@@ -88,6 +88,12 @@ enum FrameState {
 }
 
 /// One direction of a relayed (or echoed) connection.
+///
+/// It works in place on the direction's one buffer: the bytes read from the sender are
+/// rewritten where they lie into what the receiver gets, which collects at the front of the
+/// buffer. Output is never longer than the input it came from (a relayed frame keeps its
+/// header and length; an echoed one loses its mask), so the write position never passes the
+/// read position, and a relayed payload is never copied: only re-masked where it lies.
 #[derive(Debug)]
 pub(crate) struct Forwarder {
     validator: MessageValidator,
@@ -97,8 +103,12 @@ pub(crate) struct Forwarder {
     pub(crate) frames: u64,
     /// Payload bytes written to the output.
     pub(crate) payload_bytes: u64,
-    /// Where the current data frame's header sits in the caller's unflushed output, so a
-    /// violation inside it can take the whole frame back.
+    /// The first unprocessed byte of the buffer.
+    read: usize,
+    /// The end of the output at the front of the buffer.
+    written: usize,
+    /// Where the current data frame's header sits in the unflushed output, so a violation
+    /// inside it can take the whole frame back.
     frame_start: Option<usize>,
 }
 
@@ -111,22 +121,36 @@ impl Forwarder {
             state: FrameState::Header,
             frames: 0,
             payload_bytes: 0,
+            read: 0,
+            written: 0,
             frame_start: None,
         }
     }
 
-    /// Whether the caller should write `out` now: always at a frame boundary or when
-    /// processing stopped; inside a frame only once `limit` bytes are held back (an incomplete
-    /// frame waits so that a violation inside it can still be answered with a clean close).
-    pub(crate) fn should_flush(&self, out: &[u8], limit: usize, step: &Step) -> bool {
-        !out.is_empty()
-            && (!self.output_mid_frame() || out.len() >= limit || !matches!(step, Step::NeedInput))
+    /// The bytes at the front of the buffer that go to the other side.
+    pub(crate) fn output_len(&self) -> usize {
+        self.written
     }
 
-    /// The caller wrote (and cleared) the output: a frame begun in it can no longer be
-    /// taken back.
-    pub(crate) fn flushed(&mut self) {
+    /// Whether the caller should write the output now: always at a frame boundary or when
+    /// processing stopped; inside a frame only once `limit` bytes are held back (an incomplete
+    /// frame waits so that a violation inside it can still be answered with a clean close).
+    pub(crate) fn should_flush(&self, limit: usize, step: &Step) -> bool {
+        self.written > 0
+            && (!self.output_mid_frame()
+                || self.written >= limit
+                || !matches!(step, Step::NeedInput))
+    }
+
+    /// The caller wrote the output: returns how many bytes to remove from the front of the
+    /// buffer (the output and the input it consumed), after which the buffer starts with
+    /// unprocessed bytes. A frame begun in the output can no longer be taken back.
+    pub(crate) fn flushed(&mut self) -> usize {
+        let consumed = self.read;
+        self.read = 0;
+        self.written = 0;
         self.frame_start = None;
+        consumed
     }
 
     /// The output stops inside a data frame: no other frame (a close) may be written yet.
@@ -141,32 +165,32 @@ impl Forwarder {
         }
     }
 
-    /// Consumes as much of `input` as possible, appending what the other side receives to
-    /// `out`; returns the bytes consumed and why it stopped.
-    pub(crate) fn process(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, Step) {
-        let mut pos = 0;
+    /// Processes the unprocessed bytes of `buf` as far as possible, appending to the output
+    /// at its front; returns why it stopped. Bytes after a close frame or a violation stay
+    /// unprocessed.
+    pub(crate) fn process(&mut self, buf: &mut [u8]) -> Step {
         loop {
-            let rest = &input[pos..];
             let result = match self.state {
-                FrameState::Header => self.begin_frame(rest, out),
-                FrameState::Data { .. } => self.stream_data(rest, out),
+                FrameState::Header => self.begin_frame(buf),
+                FrameState::Data { .. } => self.stream_data(buf),
             };
             match result {
-                Ok(Flow::Advanced(used)) => pos += used,
-                Ok(Flow::Starved) => return (pos, Step::NeedInput),
-                Ok(Flow::Stop(used, step)) => return (pos + used, step),
-                Err((used, e)) => return (pos + used, Step::Violation(e)),
+                Ok(Flow::Advanced) => {}
+                Ok(Flow::Starved) => return Step::NeedInput,
+                Ok(Flow::Stop(step)) => return step,
+                Err(e) => return Step::Violation(e),
             }
         }
     }
 
     /// Decodes and checks a header; data frame headers go to the output at once.
-    fn begin_frame(&mut self, input: &[u8], out: &mut Vec<u8>) -> Progress {
+    fn begin_frame(&mut self, buf: &mut [u8]) -> Progress {
         let role = self.validator.role();
+        let input = &buf[self.read..];
         let (header, len) = match FrameHeader::decode(input, role, self.validator.allowed_rsv()) {
             Ok(Decoded::Header { header, len }) => (header, len),
             Ok(Decoded::Incomplete { .. }) => return Ok(Flow::Starved),
-            Err(e) => return Err((0, e)),
+            Err(e) => return Err(e),
         };
         if header.opcode.is_control() {
             // At most 2 + 4 + 125 bytes: wait until the whole frame is buffered, then act on
@@ -175,21 +199,37 @@ impl Forwarder {
             if input.len() < total {
                 return Ok(Flow::Starved);
             }
-            return self.control_frame(&header, &input[len..total], total, out);
+            return self.control_frame(&header, len, total, buf);
         }
-        match self.validator.begin_frame(&header) {
-            Err(e) => return Err((len, e)),
-            Ok(PayloadKind::Control) => unreachable!("control frames are handled above"),
-            Ok(kind) => {
+        match self.validator.begin_frame(&header)? {
+            PayloadKind::Control => unreachable!("control frames are handled above"),
+            kind => {
                 let out_key = self.out_key();
-                let mut head = [0; MAX_HEADER_LEN];
-                let n = FrameHeader {
-                    mask: out_key,
-                    ..header
-                }
-                .encode(&mut head);
-                self.frame_start = Some(out.len());
-                out.extend_from_slice(&head[..n]);
+                let at = self.written;
+                let n = match self.mode {
+                    // The sender's header as it came (same length, same flags), with our key
+                    // in place of the sender's: the payload then stays where it is.
+                    Mode::Relay { .. } => {
+                        buf.copy_within(self.read..self.read + len, at);
+                        if let Some(key) = out_key {
+                            buf[at + len - 4..at + len].copy_from_slice(&key);
+                        }
+                        len
+                    }
+                    Mode::Echo => {
+                        let mut head = [0; MAX_HEADER_LEN];
+                        let n = FrameHeader {
+                            mask: None,
+                            ..header
+                        }
+                        .encode(&mut head);
+                        buf[at..at + n].copy_from_slice(&head[..n]);
+                        n
+                    }
+                };
+                self.frame_start = Some(at);
+                self.written += n;
+                self.read += len;
                 self.frames += 1;
                 self.state = FrameState::Data {
                     remaining: header.payload_len,
@@ -200,11 +240,11 @@ impl Forwarder {
                 };
             }
         }
-        Ok(Flow::Advanced(len))
+        Ok(Flow::Advanced)
     }
 
-    /// Streams the available part of a data frame's payload to the output.
-    fn stream_data(&mut self, input: &[u8], out: &mut Vec<u8>) -> Progress {
+    /// Passes the available part of a data frame's payload to the output.
+    fn stream_data(&mut self, buf: &mut [u8]) -> Progress {
         let FrameState::Data {
             remaining,
             offset,
@@ -219,45 +259,44 @@ impl Forwarder {
             self.state = FrameState::Header;
             let unflushed = self.frame_start.take();
             return match self.validator.end_frame() {
-                Ok(()) => Ok(Flow::Advanced(0)),
+                Ok(()) => Ok(Flow::Advanced),
                 Err(e) => {
                     // Text ending inside a character: take the frame back if it has not left.
                     if let Some(frame) = unflushed {
-                        out.truncate(frame);
+                        self.written = frame;
                         self.frames -= 1;
                     }
-                    Err((0, e))
+                    Err(e)
                 }
             };
         }
-        let n = (*remaining).min(input.len() as u64) as usize;
+        let n = (*remaining).min((buf.len() - self.read) as u64) as usize;
         if n == 0 {
             return Ok(Flow::Starved);
         }
-        let start = out.len();
-        out.extend_from_slice(&input[..n]);
-        let chunk = &mut out[start..];
+        let start = self.written;
+        if start != self.read {
+            // Output fell behind (a header shrank, a frame was absorbed): move the payload up.
+            buf.copy_within(self.read..self.read + n, start);
+        }
+        let chunk = &mut buf[start..start + n];
         let at = *offset as usize;
-        *remaining -= n as u64;
-        *offset += n as u64;
         if *text {
             if let Some(key) = *in_key {
                 mask::apply_mask_at(chunk, key, at);
             }
-            let out_key = *out_key;
             if let Err(e) = self.validator.payload(chunk) {
-                out.truncate(start);
                 if let Some(frame) = self.frame_start.take() {
                     // Nothing of this frame has left yet: drop it whole, so the output ends
                     // on a frame boundary and a close frame can follow.
-                    out.truncate(frame);
+                    self.written = frame;
                     self.state = FrameState::Header;
                     self.frames -= 1;
                 }
-                return Err((n, e));
+                return Err(e);
             }
-            if let Some(key) = out_key {
-                mask::apply_mask_at(&mut out[start..], key, at);
+            if let Some(key) = *out_key {
+                mask::apply_mask_at(chunk, key, at);
             }
         } else {
             // Binary or compressed: one pass with the two keys combined.
@@ -269,23 +308,27 @@ impl Forwarder {
                 mask::apply_mask_at(chunk, key, at);
             }
         }
+        *remaining -= n as u64;
+        *offset += n as u64;
+        self.read += n;
+        self.written += n;
         self.payload_bytes += n as u64;
-        Ok(Flow::Advanced(n))
+        Ok(Flow::Advanced)
     }
 
-    /// Validates and acts on a whole control frame (`consumed` bytes of input, header
-    /// included): close stops processing, pings and pongs are relayed or answered.
+    /// Validates and acts on a whole control frame (`header_len` + payload = `total` bytes
+    /// at the read position): close stops processing, pings and pongs are relayed or
+    /// answered.
     fn control_frame(
         &mut self,
         header: &FrameHeader,
-        payload: &[u8],
-        consumed: usize,
-        out: &mut Vec<u8>,
+        header_len: usize,
+        total: usize,
+        buf: &mut [u8],
     ) -> Progress {
-        self.validator
-            .begin_frame(header)
-            .map_err(|e| (consumed, e))?;
-        self.validator.end_frame().map_err(|e| (consumed, e))?;
+        self.validator.begin_frame(header)?;
+        self.validator.end_frame()?;
+        let payload = &buf[self.read + header_len..self.read + total];
         let mut control = ControlPayload {
             buf: [0; MAX_CONTROL_PAYLOAD],
             len: payload.len() as u8,
@@ -294,48 +337,68 @@ impl Forwarder {
         if let Some(key) = header.mask {
             mask::apply_mask(&mut control.buf[..payload.len()], key);
         }
-        match (header.opcode, self.mode) {
+        let reply = match (header.opcode, self.mode) {
             (OpCode::Close, _) => {
-                close::parse_close(control.bytes()).map_err(|e| (consumed, e))?;
-                return Ok(Flow::Stop(consumed, Step::Close(Box::new(control))));
+                close::parse_close(control.bytes())?;
+                self.read += total;
+                return Ok(Flow::Stop(Step::Close(Box::new(control))));
             }
-            (OpCode::Ping, Mode::Echo) => {
-                write_frame(out, true, OpCode::Pong, None, control.bytes());
-                self.frames += 1;
-            }
-            (OpCode::Pong, Mode::Echo) => {}
+            (OpCode::Ping, Mode::Echo) => Some((OpCode::Pong, None)),
+            (OpCode::Pong, Mode::Echo) => None,
             // The answer to the gateway's own keepalive ping: not the other peer's business.
-            (OpCode::Pong, Mode::Relay { .. }) if control.bytes() == KEEPALIVE_PAYLOAD => {}
-            (opcode, Mode::Relay { .. }) => {
-                write_frame(out, true, opcode, self.out_key(), control.bytes());
-                self.frames += 1;
-            }
+            (OpCode::Pong, Mode::Relay { .. }) if control.bytes() == KEEPALIVE_PAYLOAD => None,
+            (opcode, Mode::Relay { .. }) => Some((opcode, self.out_key())),
             (_, Mode::Echo) => unreachable!("control opcodes are close, ping, pong"),
+        };
+        if let Some((opcode, key)) = reply {
+            // Re-encoded with the minimal header, so never longer than the frame it answers
+            // or relays: it fits behind the read position (the payload is already copied).
+            let body = control.bytes();
+            let mut head = [0; MAX_HEADER_LEN];
+            let head_len = FrameHeader::new(true, opcode, key, body.len() as u64).encode(&mut head);
+            let at = self.written;
+            buf[at..at + head_len].copy_from_slice(&head[..head_len]);
+            let out = &mut buf[at + head_len..at + head_len + body.len()];
+            out.copy_from_slice(body);
+            if let Some(key) = key {
+                mask::apply_mask(out, key);
+            }
+            self.written += head_len + body.len();
+            self.frames += 1;
         }
-        Ok(Flow::Advanced(consumed))
+        self.read += total;
+        Ok(Flow::Advanced)
     }
 }
 
 /// What one step of [`Forwarder::process`] achieved.
 enum Flow {
-    /// Consumed this many bytes (possibly 0, as when a frame ends) and can go on.
-    Advanced(usize),
+    /// Went on (possibly without consuming anything, as when a frame ends).
+    Advanced,
     /// Needs more input to go on.
     Starved,
-    /// Consumed this many bytes and must stop here.
-    Stop(usize, Step),
+    /// Must stop here.
+    Stop(Step),
 }
 
-/// A step's progress, or the bytes consumed up to a violation.
-type Progress = Result<Flow, (usize, ProtocolError)>;
+/// A step's progress, or the violation it ran into.
+type Progress = Result<Flow, ProtocolError>;
 
 #[cfg(test)]
 mod tests {
+    use codec::frame::write_frame;
+
     use super::*;
 
     fn client_frame(fin: bool, opcode: OpCode, key: [u8; 4], payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         write_frame(&mut out, fin, opcode, Some(key), payload);
+        out
+    }
+
+    fn server_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, true, opcode, None, payload);
         out
     }
 
@@ -359,6 +422,13 @@ mod tests {
         found
     }
 
+    /// What a pump does on a flush: takes the output, drops what it consumed.
+    fn flush(fwd: &mut Forwarder, buf: &mut Vec<u8>) -> Vec<u8> {
+        let out = buf[..fwd.output_len()].to_vec();
+        buf.drain(..fwd.flushed());
+        out
+    }
+
     #[test]
     fn remasks_with_fresh_keys_byte_by_byte() {
         let key = [1, 2, 3, 4];
@@ -378,14 +448,14 @@ mod tests {
         );
         let mut out = Vec::new();
         // Feed one byte at a time: every split point of headers and payloads.
-        let mut pending = Vec::new();
+        let mut buf = Vec::new();
         for &b in &input {
-            pending.push(b);
-            let (used, step) = fwd.process(&pending, &mut out);
+            buf.push(b);
+            let step = fwd.process(&mut buf);
             assert!(matches!(step, Step::NeedInput));
-            pending.drain(..used);
+            out.extend(flush(&mut fwd, &mut buf));
         }
-        assert!(pending.is_empty());
+        assert!(buf.is_empty());
         let got = frames(&out, Role::Server);
         assert_eq!(got.len(), 3);
         assert_eq!(got[0].3, "héllo ".as_bytes());
@@ -397,6 +467,55 @@ mod tests {
     }
 
     #[test]
+    fn relays_in_place_and_cuts_out_keepalive_pongs() {
+        // Backend to client: the bytes leave exactly as they came, where they lie, except
+        // the pong that answers the gateway's own ping.
+        let mut input = server_frame(OpCode::Binary, &[7; 1000]);
+        input.extend(server_frame(OpCode::Pong, KEEPALIVE_PAYLOAD));
+        input.extend(server_frame(OpCode::Text, "after the pong".as_bytes()));
+        input.extend(server_frame(OpCode::Pong, b"the client's"));
+        let mut fwd = Forwarder::new(
+            Role::Client,
+            Limits::default(),
+            false,
+            Mode::Relay { mask_out: false },
+        );
+        let mut buf = input.clone();
+        assert!(matches!(fwd.process(&mut buf), Step::NeedInput));
+        let pong = server_frame(OpCode::Pong, KEEPALIVE_PAYLOAD).len();
+        let mut expected = input[..1004].to_vec();
+        expected.extend(&input[1004 + pong..]);
+        assert_eq!(flush(&mut fwd, &mut buf), expected);
+        assert!(buf.is_empty());
+        assert_eq!(fwd.frames, 3);
+    }
+
+    #[test]
+    fn holds_an_incomplete_frame_until_the_limit() {
+        let key = [3; 4];
+        let input = client_frame(true, OpCode::Binary, key, &[1; 100]);
+        let mut fwd = Forwarder::new(
+            Role::Server,
+            Limits::default(),
+            false,
+            Mode::Relay { mask_out: true },
+        );
+        let mut buf = input[..60].to_vec();
+        let step = fwd.process(&mut buf);
+        assert!(fwd.output_mid_frame() && !fwd.should_flush(64, &step));
+        buf.extend(&input[60..80]);
+        let step = fwd.process(&mut buf);
+        assert!(fwd.should_flush(64, &step));
+        let mut out = flush(&mut fwd, &mut buf);
+        buf.extend(&input[80..]);
+        let step = fwd.process(&mut buf);
+        assert!(!fwd.output_mid_frame() && fwd.should_flush(64, &step));
+        out.extend(flush(&mut fwd, &mut buf));
+        let got = frames(&out, Role::Server);
+        assert_eq!((got.len(), got[0].3.as_slice()), (1, &[1; 100][..]));
+    }
+
+    #[test]
     fn echo_answers_pings_and_stops_at_close() {
         let key = [9, 8, 7, 6];
         let mut input = client_frame(true, OpCode::Binary, key, &[0xFF; 300]);
@@ -405,16 +524,20 @@ mod tests {
         input.extend(client_frame(true, OpCode::Close, key, &[0x03, 0xE8, b'x']));
         input.extend(client_frame(true, OpCode::Text, key, b"after close"));
         let mut fwd = Forwarder::new(Role::Server, Limits::default(), false, Mode::Echo);
-        let mut out = Vec::new();
-        let (used, step) = fwd.process(&input, &mut out);
+        let mut buf = input.clone();
+        let step = fwd.process(&mut buf);
         let Step::Close(payload) = step else {
             panic!("{step:?}")
         };
         assert_eq!(payload.close_code(), Some(CloseCode::NORMAL));
-        assert_eq!(used, input.len() - 17);
+        let out = flush(&mut fwd, &mut buf);
+        assert_eq!(buf, &input[input.len() - 17..]);
         let got = frames(&out, Role::Client);
         assert_eq!(got.len(), 2);
-        assert_eq!((got[0].0, got[0].3.len()), (OpCode::Binary, 300));
+        assert_eq!(
+            (got[0].0, got[0].3.as_slice()),
+            (OpCode::Binary, &[0xFF; 300][..])
+        );
         assert_eq!((got[1].0, got[1].3.as_slice()), (OpCode::Pong, &b"hi"[..]));
     }
 
@@ -428,33 +551,34 @@ mod tests {
             false,
             Mode::Relay { mask_out: true },
         );
-        let mut out = Vec::new();
-        let (_, step) = fwd.process(&input[..8], &mut out);
-        assert!(matches!(step, Step::NeedInput));
-        let flushed = out.len();
-        fwd.flushed();
-        let (_, step) = fwd.process(&input[8..], &mut out);
+        let mut buf = input[..8].to_vec();
+        assert!(matches!(fwd.process(&mut buf), Step::NeedInput));
+        assert_eq!(flush(&mut fwd, &mut buf).len(), 8);
+        buf.extend(&input[8..]);
+        let step = fwd.process(&mut buf);
         assert!(matches!(step, Step::Violation(ProtocolError::InvalidUtf8)));
         // The header and "ok" were flushed: the frame cannot be taken back.
         assert!(fwd.output_mid_frame());
-        assert_eq!(out.len(), flushed);
+        assert_eq!(fwd.output_len(), 0);
         // Unflushed, the whole frame is taken back and a close frame may follow.
+        let mut ok = client_frame(true, OpCode::Binary, key, b"fine");
         let mut fwd = Forwarder::new(Role::Server, Limits::default(), false, Mode::Echo);
-        let mut out = vec![0xAA];
-        let (_, step) = fwd.process(&input, &mut out);
+        ok.extend(&input);
+        let mut buf = ok;
+        let step = fwd.process(&mut buf);
         assert!(matches!(step, Step::Violation(ProtocolError::InvalidUtf8)));
         assert!(!fwd.output_mid_frame());
-        assert_eq!(out, [0xAA]);
+        let got = frames(&buf[..fwd.output_len()], Role::Client);
+        assert_eq!((got.len(), got[0].3.as_slice()), (1, &b"fine"[..]));
     }
 
     #[test]
     fn text_ending_mid_character_is_taken_back() {
         let input = client_frame(true, OpCode::Text, [1, 2, 3, 4], &[b'a', 0xDF]);
         let mut fwd = Forwarder::new(Role::Server, Limits::default(), false, Mode::Echo);
-        let mut out = Vec::new();
-        let (_, step) = fwd.process(&input, &mut out);
+        let step = fwd.process(&mut input.clone());
         assert!(matches!(step, Step::Violation(ProtocolError::InvalidUtf8)));
-        assert!(out.is_empty() && !fwd.output_mid_frame());
+        assert!(fwd.output_len() == 0 && !fwd.output_mid_frame());
     }
 
     #[test]
@@ -475,9 +599,9 @@ mod tests {
                 ProtocolError::FrameTooBig,
             ),
         ];
-        for (input, expected) in cases {
+        for (mut input, expected) in cases {
             let mut fwd = Forwarder::new(Role::Server, Limits::new(10, 10), false, Mode::Echo);
-            let (_, step) = fwd.process(&input, &mut Vec::new());
+            let step = fwd.process(&mut input);
             assert!(
                 matches!(step, Step::Violation(e) if e == expected),
                 "{step:?}"

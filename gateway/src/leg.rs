@@ -72,13 +72,14 @@ impl Leg {
         self.busy.get()
     }
 
-    /// Writes one batch of a forwarder's output to this peer. The write lock is taken at the
-    /// start of a frame and kept until a batch ends on a frame boundary (`holding` carries
-    /// that across batches), so no other task writes inside a frame. With `discard`, or once
-    /// this peer was sent a close, the batch is dropped instead. The lock is released on error.
+    /// Writes a forwarder's output (the front of `buf`) to this peer and removes it, with the
+    /// input it came from, from `buf`. The write lock is taken at the start of a frame and
+    /// kept until a batch ends on a frame boundary (`holding` carries that across batches),
+    /// so no other task writes inside a frame. With `discard`, or once this peer was sent a
+    /// close, the output is dropped instead. The lock is released on error.
     pub(crate) async fn write_batch(
         &self,
-        out: &mut Vec<u8>,
+        buf: &mut Vec<u8>,
         fwd: &mut Forwarder,
         holding: &mut bool,
         discard: bool,
@@ -87,14 +88,15 @@ impl Leg {
             self.lock().await;
             *holding = true;
         }
-        if discard || self.close_sent.get() {
-            out.clear();
-        } else if let Err(e) = self.stream.write_all(out).await {
+        if !discard
+            && !self.close_sent.get()
+            && let Err(e) = self.stream.write_prefix(buf, fwd.output_len()).await
+        {
             self.unlock();
             *holding = false;
             return Err(e);
         }
-        fwd.flushed();
+        buf.drain(..fwd.flushed());
         self.partial.set(fwd.output_mid_frame());
         if !fwd.output_mid_frame() {
             self.unlock();

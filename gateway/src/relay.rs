@@ -269,25 +269,23 @@ impl Relay {
             Side::Backend => self.backend_input.take(),
         };
         let limit = self.settings.buffer;
-        let mut out = Vec::new();
         let mut holding = false;
         let mut read_size = MIN_READ.min(limit);
         let direction = Direction::from(from);
         let (mut frames, mut bytes) = (0, 0);
         let end = loop {
-            let (used, step) = fwd.process(&input, &mut out);
-            input.drain(..used);
+            let step = fwd.process(&mut input);
             if fwd.frames != frames || fwd.payload_bytes != bytes {
                 // Live counters: per batch, not per connection close.
                 self.metrics
                     .frames(direction, fwd.frames - frames, fwd.payload_bytes - bytes);
                 (frames, bytes) = (fwd.frames, fwd.payload_bytes);
             }
-            if fwd.should_flush(&out, limit, &step) {
+            if fwd.should_flush(limit, &step) {
                 // Once the gateway failed the connection, nothing more is relayed.
                 let discard = self.lifecycle.get() == Lifecycle::Failed;
                 if dst
-                    .write_batch(&mut out, &mut fwd, &mut holding, discard)
+                    .write_batch(&mut input, &mut fwd, &mut holding, discard)
                     .await
                     .is_err()
                 {

@@ -90,17 +90,24 @@ impl Stream {
     }
 
     /// Writes all of `buf`, then clears it (keeping its capacity for the next batch).
+    pub(crate) async fn write_all(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let result = self.write_prefix(buf, buf.len()).await;
+        buf.clear();
+        result
+    }
+
+    /// Writes the first `len` bytes of `buf`, leaving `buf` as it was.
     ///
     /// A loop of single writes rather than tokio-uring's `write_all`: its nested futures are
     /// about 200 bytes larger, and every relay direction keeps room for one.
-    pub(crate) async fn write_all(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+    pub(crate) async fn write_prefix(&self, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
         let mut owned = std::mem::take(buf);
         let mut written = 0;
         let result = loop {
-            if written == owned.len() {
+            if written == len {
                 break Ok(());
             }
-            let (result, slice) = self.0.write(owned.slice(written..)).submit().await;
+            let (result, slice) = self.0.write(owned.slice(written..len)).submit().await;
             owned = slice.into_inner();
             match result {
                 Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
@@ -108,7 +115,6 @@ impl Stream {
                 Err(e) => break Err(e),
             }
         };
-        owned.clear();
         *buf = owned;
         result
     }
