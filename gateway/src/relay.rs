@@ -69,10 +69,8 @@ pub(crate) struct Outcome {
 enum GatewayClose {
     /// A drain: both peers get this code.
     Drain(CloseCode),
-    /// This peer stopped answering pings.
-    Dead(Side),
-    /// Neither peer sent anything for the idle timeout.
-    Idle,
+    /// A keepalive tick found the connection idle or a peer dead.
+    Keepalive(Alarm),
 }
 
 /// A proxied connection after both upgrades.
@@ -183,12 +181,8 @@ impl Relay {
                 code = drain.wait() => Box::pin(self.gateway_close(GatewayClose::Drain(code))).await,
                 () = keepalive.next_tick() => {
                     let legs = [&self.client, &self.backend];
-                    match Box::pin(keepalive_tick(&legs, keepalive)).await {
-                        None => {}
-                        Some(Alarm::Idle) => Box::pin(self.gateway_close(GatewayClose::Idle)).await,
-                        Some(Alarm::Dead(side)) => {
-                            Box::pin(self.gateway_close(GatewayClose::Dead(side))).await;
-                        }
+                    if let Some(alarm) = Box::pin(keepalive_tick(&legs, keepalive)).await {
+                        Box::pin(self.gateway_close(GatewayClose::Keepalive(alarm))).await;
                     }
                 }
             }
@@ -222,15 +216,15 @@ impl Relay {
                 ControlPayload::close(code, Drain::reason(code)),
                 ControlPayload::close(code, Drain::reason(code)),
             ),
-            GatewayClose::Dead(Side::Client) => (
+            GatewayClose::Keepalive(Alarm::Dead(Side::Client)) => (
                 ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
                 ControlPayload::close(CloseCode::GOING_AWAY, "client stopped answering"),
             ),
-            GatewayClose::Dead(Side::Backend) => (
+            GatewayClose::Keepalive(Alarm::Dead(Side::Backend)) => (
                 ControlPayload::close(CloseCode::INTERNAL_ERROR, "backend stopped answering"),
                 ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
             ),
-            GatewayClose::Idle => (
+            GatewayClose::Keepalive(Alarm::Idle) => (
                 ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout"),
                 ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout"),
             ),
@@ -239,7 +233,7 @@ impl Relay {
         self.set_lifecycle(Lifecycle::Failed);
         self.client.send_close(&to_client).await;
         self.backend.send_close(&to_backend).await;
-        if let GatewayClose::Dead(side) = why {
+        if let GatewayClose::Keepalive(Alarm::Dead(side)) = why {
             // Half-open: nothing will come back from it.
             self.leg(side).stream.shutdown(Shutdown::Both);
         }
