@@ -6,22 +6,16 @@ use std::time::Duration;
 
 use codec::frame::OpCode;
 use common::{
-    EchoBackend, Gateway, WsBackend, close_frame, connect, drain_to_end, field, raw_client,
-    recv_data, send, within,
+    EchoBackend, Gateway, WsBackend, close_frame, connect, drain_to_end, echo_then_close, field,
+    raw_client, within,
 };
-use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_line_for_finished_connection() {
     let mut backend = EchoBackend::start().await;
     let gw = Gateway::start(&["--backend", &backend.url()]);
     let mut ws = connect(&gw.url("/logged?q=1")).await;
-    send(&mut ws, Message::Text("hello".into())).await;
-    assert_eq!(recv_data(&mut ws).await, Message::Text("hello".into()));
-    within("client close", ws.close(Some(close_frame(1000, "done"))))
-        .await
-        .expect("send close");
-    drain_to_end(&mut ws).await;
+    echo_then_close(&mut ws, "hello").await;
     let _ = backend.accept().await;
 
     let line = gw

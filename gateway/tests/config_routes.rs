@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::config::{ConfigGateway, TagBackend, TempConfig, greeting, preamble, refusal};
 use common::{
-    EchoBackend, STEP, close_frame, connect, drain_to_end, expect_close, raw_client, recv_data,
-    send, within,
+    EchoBackend, STEP, close_frame, connect, drain_to_end, echo_then_close, expect_close,
+    raw_client, recv_data, send, within,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -321,12 +321,7 @@ fn bad_configs_are_refused_naming_field_value_and_reason() {
 /// the gateway's access line, parsed; checks every stderr line is one JSON object.
 async fn json_access_line(gw: &ConfigGateway, path: &str) -> serde_json::Value {
     let mut ws = connect(&gw.url(path)).await;
-    send(&mut ws, Message::Text("hello".into())).await;
-    assert_eq!(recv_data(&mut ws).await, Message::Text("hello".into()));
-    within("client close", ws.close(Some(close_frame(1000, "done"))))
-        .await
-        .expect("send close");
-    drain_to_end(&mut ws).await;
+    echo_then_close(&mut ws, "hello").await;
     let line = gw
         .wait_line(Duration::from_secs(3), |l| l.contains("\"closed_by\""))
         .await

@@ -439,6 +439,20 @@ where
     .await;
 }
 
+/// Sends `text`, checks it comes back, closes with 1000 and reads until the stream ends: one
+/// complete, clean connection (for access-log tests).
+pub async fn echo_then_close<S>(ws: &mut WebSocketStream<S>, text: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    send(ws, Message::Text(text.into())).await;
+    assert_eq!(recv_data(ws).await, Message::Text(text.into()));
+    within("client close", ws.close(Some(close_frame(1000, "done"))))
+        .await
+        .expect("send close");
+    drain_to_end(ws).await;
+}
+
 /// A close frame with `code` and `reason`.
 #[must_use]
 pub fn close_frame(code: u16, reason: &str) -> CloseFrame<'static> {
