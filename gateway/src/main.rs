@@ -101,6 +101,13 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
             "cores = {cores}: this machine has {available} core(s) available"
         ));
     }
+    uring::probe().map_err(|e| {
+        format!(
+            "io_uring is unavailable: {e} (denied by a container's seccomp profile or by \
+             kernel.io_uring_disabled, or a kernel older than 5.19; see Troubleshooting in the \
+             README)"
+        )
+    })?;
     // Take the signals before anything starts, so an early SIGTERM drains instead of killing.
     let signals =
         signals::Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;

@@ -19,12 +19,24 @@ use tokio_uring::buf::BoundedBuf;
 /// instead of by interrupting it, which suits one thread that owns its ring and enters the
 /// kernel on every loop anyway.
 pub(crate) fn run<F: Future>(future: F) -> F::Output {
-    let mut ring = tokio_uring::uring_builder();
-    ring.setup_coop_taskrun();
     tokio_uring::builder()
         .entries(1024)
-        .uring_builder(&ring)
+        .uring_builder(&ring_builder())
         .start(future)
+}
+
+/// The workers' ring setup.
+fn ring_builder() -> io_uring::Builder {
+    let mut ring = tokio_uring::uring_builder();
+    ring.setup_coop_taskrun();
+    ring
+}
+
+/// Sets up (and drops) one ring like the workers', so that a kernel, sysctl or seccomp
+/// profile that denies io_uring stops the gateway at start with the reason, rather than a
+/// worker aborting inside the runtime once it is already "listening".
+pub(crate) fn probe() -> io::Result<()> {
+    ring_builder().build(8).map(drop)
 }
 
 /// Spawns a task on the current core's runtime; it never migrates to another thread.
