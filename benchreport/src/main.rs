@@ -190,6 +190,7 @@ mod tests {
         let samples = vec![
             round_trip("rtt-1", "direct", 20, None),
             round_trip("rtt-1-1cpu", "direct", 20, None),
+            round_trip("rtt-1-1cpu", "floor", 30, None),
         ];
         let chart = |scenario: &'static str| Chart {
             scenario,
@@ -206,5 +207,14 @@ mod tests {
         assert_eq!(text.matches(&link("rtt-1-1cpu")).count(), 1, "{text}");
         assert!(text.find(&link("rtt-1-1cpu")).unwrap() > one_cpu, "{text}");
         assert!(text.find(&link("rtt-1")).unwrap() < one_cpu, "{text}");
+        // Without nginx in the runs, no column of dashes for it; the floor's ratio is there
+        // where the floor ran.
+        let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("| target")).collect();
+        assert_eq!(headers.len(), 2, "{text}");
+        assert!(headers.iter().all(|h| !h.contains("÷ nginx")), "{text}");
+        assert!(
+            !headers[0].contains("÷ floor") && headers[1].contains("÷ floor"),
+            "{text}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use crate::data::Sample;
 /// Reference target for the ratio columns.
 pub(crate) const REFERENCE: &str = "nginx";
 /// The bare forwarder (`floor/`): what any proxy pays on this machine. Scenarios it ran in get
-/// a second ratio column, each proxy's figure divided by the floor's.
+/// a second ratio column, each figure divided by the floor's.
 pub(crate) const FLOOR: &str = "floor";
 
 /// How a figure is taken from one sample.
@@ -441,8 +441,8 @@ fn cell(
 }
 
 /// Markdown table of one scenario: rows = targets with runs in it, columns = its figures
-/// (medians over rounds), each followed by its ratio to nginx where that makes sense, and by
-/// its ratio to the floor when the floor ran in this scenario.
+/// (medians over rounds), each followed where that makes sense by its ratios to nginx and to
+/// the floor, for those of the two that ran in this scenario.
 pub(crate) fn scenario_table(samples: &[Sample], scenario: &Scenario) -> Option<String> {
     let targets: Vec<String> = targets(samples)
         .into_iter()
@@ -455,9 +455,10 @@ pub(crate) fn scenario_table(samples: &[Sample], scenario: &Scenario) -> Option<
     if targets.is_empty() {
         return None;
     }
+    // A ratio column only for a reference that ran here (a smoke run may lack nginx).
     let references: Vec<&str> = [REFERENCE, FLOOR]
         .into_iter()
-        .filter(|r| *r == REFERENCE || targets.iter().any(|t| t == r))
+        .filter(|r| targets.iter().any(|t| t == r))
         .collect();
     let rounds = samples
         .iter()
