@@ -10,9 +10,10 @@ use serde::Deserialize;
 /// One loadgen run as recorded by `scripts/bench` in `runs.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct RunEntry {
-    /// `direct`, `gateway`, `nginx`, `haproxy`.
+    /// `direct`, `floor`, `gateway`, `nginx`, `haproxy`.
     pub(crate) target: String,
-    /// `echo-20`, `echo-16k`, `open-50`, `open-90`, `close`, `connect`, `idle`.
+    /// `echo-20`, `echo-16k`, `open-50`, `open-90`, `close`, `rtt-1`, `connect`, `idle`, and
+    /// `close-1cpu`, `rtt-1-1cpu` (the proxy on the CPU of loadgen and the backend).
     pub(crate) scenario: String,
     /// 1-based round of the interleaved schedule.
     pub(crate) round: u32,

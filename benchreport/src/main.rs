@@ -1,5 +1,6 @@
 //! `benchreport RUN_DIR`: turns a `scripts/bench` run directory into `RUN_DIR/report.md` with
-//! one table per scenario (medians over rounds, ratios to nginx) and SVG charts under
+//! one table per scenario (medians over rounds, ratios to nginx and to the bare forwarder
+//! `floor`) and SVG charts under
 //! `RUN_DIR/charts/`, and copies the report to `latest.md` in the directory above `RUN_DIR`
 //! (`bench-results/latest.md`) with the chart links adjusted.
 
@@ -15,8 +16,9 @@ use std::process::ExitCode;
 use data::Sample;
 use report::{median_of, scenarios, targets};
 
-/// A chart written under `charts/`, with the caption it gets in the report.
+/// A chart written under `charts/`, with the scenario whose table it follows and its caption.
 struct Chart {
+    scenario: &'static str,
     file: String,
     caption: String,
 }
@@ -35,6 +37,17 @@ fn write_charts(dir: &Path, samples: &[Sample]) -> Result<Vec<Chart>, Box<dyn st
             "close",
             "close_eof",
             "Close handshake: our Close to the peer's TCP close",
+        ),
+        (
+            "close-1cpu",
+            "close_reply",
+            "Close handshake on one CPU: our Close to the peer's Close",
+        ),
+        ("rtt-1", "echo_rtt", "Round trip, one connection x 20 B"),
+        (
+            "rtt-1-1cpu",
+            "echo_rtt",
+            "Round trip on one CPU, one connection x 20 B",
         ),
         (
             "connect",
@@ -56,6 +69,7 @@ fn write_charts(dir: &Path, samples: &[Sample]) -> Result<Vec<Chart>, Box<dyn st
         let file = format!("{scenario}-{hist}.svg");
         if charts::percentile_chart(&chart_dir.join(&file), title, samples, scenario, hist)? {
             out.push(Chart {
+                scenario,
                 file,
                 caption: title.to_owned(),
             });
@@ -85,6 +99,7 @@ fn write_charts(dir: &Path, samples: &[Sample]) -> Result<Vec<Chart>, Box<dyn st
             let title = format!("{what}, closed-loop echo {label}");
             if charts::bar_chart(&chart_dir.join(&file), &title, y_desc, &bars)? {
                 out.push(Chart {
+                    scenario,
                     file,
                     caption: title,
                 });
@@ -102,18 +117,17 @@ fn render(dir: &Path, samples: &[Sample], charts: &[Chart], link_prefix: &str) -
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Benchmark: gateway vs nginx vs HAProxy vs direct ({name})\n\n\
+        "# Benchmark: gateway vs nginx vs HAProxy vs floor vs direct ({name})\n\n\
          Written by `scripts/bench` and `benchreport`; do not edit by hand. Every loadgen JSON, \
          config, command line and version is in `{name}/`. Each figure is the median over the \
-         rounds; `÷ nginx` is the figure divided by nginx's.\n"
+         rounds; `÷ nginx` is the figure divided by nginx's, `÷ floor` by the floor's: `floor` \
+         is a bare epoll byte forwarder (one recv and one send per message, nothing parsed), \
+         the least any proxy pays here.\n"
     );
     for scenario in scenarios() {
         if let Some(table) = report::scenario_table(samples, &scenario) {
             let _ = writeln!(out, "{table}");
-            for chart in charts
-                .iter()
-                .filter(|c| c.file.starts_with(&format!("{}-", scenario.key)))
-            {
+            for chart in charts.iter().filter(|c| c.scenario == scenario.key) {
                 let _ = writeln!(
                     out,
                     "![{}]({link_prefix}charts/{})\n",
@@ -163,5 +177,44 @@ fn main() -> ExitCode {
             eprintln!("benchreport: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::round_trip;
+
+    #[test]
+    fn each_chart_follows_its_own_scenario_only() {
+        let samples = vec![
+            round_trip("rtt-1", "direct", 20, None),
+            round_trip("rtt-1-1cpu", "direct", 20, None),
+            round_trip("rtt-1-1cpu", "floor", 30, None),
+        ];
+        let chart = |scenario: &'static str| Chart {
+            scenario,
+            file: format!("{scenario}-echo_rtt.svg"),
+            caption: scenario.to_owned(),
+        };
+        let charts = [chart("rtt-1"), chart("rtt-1-1cpu")];
+        let text = render(Path::new("run"), &samples, &charts, "");
+        let one_cpu = text
+            .find("### Round trip, proxy, client and backend on one CPU")
+            .unwrap();
+        let link = |scenario: &str| format!("(charts/{scenario}-echo_rtt.svg)");
+        // "rtt-1-1cpu-..." starts with "rtt-1-": it must not also land under rtt-1.
+        assert_eq!(text.matches(&link("rtt-1-1cpu")).count(), 1, "{text}");
+        assert!(text.find(&link("rtt-1-1cpu")).unwrap() > one_cpu, "{text}");
+        assert!(text.find(&link("rtt-1")).unwrap() < one_cpu, "{text}");
+        // Without nginx in the runs, no column of dashes for it; the floor's ratio is there
+        // where the floor ran.
+        let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("| target")).collect();
+        assert_eq!(headers.len(), 2, "{text}");
+        assert!(headers.iter().all(|h| !h.contains("÷ nginx")), "{text}");
+        assert!(
+            !headers[0].contains("÷ floor") && headers[1].contains("÷ floor"),
+            "{text}"
+        );
     }
 }

@@ -6,6 +6,9 @@ use crate::data::Sample;
 
 /// Reference target for the ratio columns.
 pub(crate) const REFERENCE: &str = "nginx";
+/// The bare forwarder (`floor/`): what any proxy pays on this machine. Scenarios it ran in get
+/// a second ratio column, each figure divided by the floor's.
+pub(crate) const FLOOR: &str = "floor";
 
 /// How a figure is taken from one sample.
 type Extract = fn(&Sample) -> Option<f64>;
@@ -16,7 +19,7 @@ pub(crate) struct Figure {
     pub(crate) name: &'static str,
     /// Takes the figure from one run.
     pub(crate) extract: Extract,
-    /// Whether a ratio-to-nginx column follows it.
+    /// Whether ratio columns (to nginx, and to the floor where it ran) follow it.
     pub(crate) ratio: bool,
 }
 
@@ -125,6 +128,81 @@ fn open_loop_figures() -> Vec<Figure> {
     ]
 }
 
+fn close_figures() -> Vec<Figure> {
+    vec![
+        Figure {
+            name: "reply p50 µs",
+            extract: |s| pct(s, "close_reply", 50.0),
+            ratio: true,
+        },
+        Figure {
+            name: "reply p99 µs",
+            extract: |s| pct(s, "close_reply", 99.0),
+            ratio: true,
+        },
+        Figure {
+            name: "reply p99.9 µs",
+            extract: |s| pct(s, "close_reply", 99.9),
+            ratio: true,
+        },
+        Figure {
+            name: "eof p50 µs",
+            extract: |s| pct(s, "close_eof", 50.0),
+            ratio: true,
+        },
+        Figure {
+            name: "eof p99 µs",
+            extract: |s| pct(s, "close_eof", 99.0),
+            ratio: true,
+        },
+        Figure {
+            name: "eof p99.9 µs",
+            extract: |s| pct(s, "close_eof", 99.9),
+            ratio: true,
+        },
+        Figure {
+            name: "errors",
+            extract: errors,
+            ratio: false,
+        },
+    ]
+}
+
+fn round_trip_figures() -> Vec<Figure> {
+    vec![
+        Figure {
+            name: "RTT p50 µs",
+            extract: |s| pct(s, "echo_rtt", 50.0),
+            ratio: true,
+        },
+        Figure {
+            name: "RTT p99 µs",
+            extract: |s| pct(s, "echo_rtt", 99.0),
+            ratio: true,
+        },
+        Figure {
+            name: "RTT p99.9 µs",
+            extract: |s| pct(s, "echo_rtt", 99.9),
+            ratio: true,
+        },
+        Figure {
+            name: "msgs/s",
+            extract: msgs_per_s,
+            ratio: true,
+        },
+        Figure {
+            name: "proxy CPU-s per M msgs",
+            extract: cpu_per_million,
+            ratio: true,
+        },
+        Figure {
+            name: "errors",
+            extract: errors,
+            ratio: false,
+        },
+    ]
+}
+
 /// Every scenario the report knows, in report order. Scenarios without runs are skipped.
 #[expect(
     clippy::too_many_lines,
@@ -162,44 +240,30 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
             title: "Close handshake",
             note: "reply: our Close written to the peer's Close; eof: to its TCP close. \
                    Much of a proxy's added time is the wake-up of the other CPU in this VM, \
-                   so compare ratios and the time added over direct.",
-            figures: vec![
-                Figure {
-                    name: "reply p50 µs",
-                    extract: |s| pct(s, "close_reply", 50.0),
-                    ratio: true,
-                },
-                Figure {
-                    name: "reply p99 µs",
-                    extract: |s| pct(s, "close_reply", 99.0),
-                    ratio: true,
-                },
-                Figure {
-                    name: "reply p99.9 µs",
-                    extract: |s| pct(s, "close_reply", 99.9),
-                    ratio: true,
-                },
-                Figure {
-                    name: "eof p50 µs",
-                    extract: |s| pct(s, "close_eof", 50.0),
-                    ratio: true,
-                },
-                Figure {
-                    name: "eof p99 µs",
-                    extract: |s| pct(s, "close_eof", 99.0),
-                    ratio: true,
-                },
-                Figure {
-                    name: "eof p99.9 µs",
-                    extract: |s| pct(s, "close_eof", 99.9),
-                    ratio: true,
-                },
-                Figure {
-                    name: "errors",
-                    extract: errors,
-                    ratio: false,
-                },
-            ],
+                   so compare ratios and the time added over direct; the one-CPU table below \
+                   has no such wake-up.",
+            figures: close_figures(),
+        },
+        Scenario {
+            key: "close-1cpu",
+            title: "Close handshake, proxy, client and backend on one CPU",
+            note: "As above, with the proxy on CPU 0 beside loadgen and the backend: no \
+                   cross-CPU wake-up hides the proxy's own path.",
+            figures: close_figures(),
+        },
+        Scenario {
+            key: "rtt-1",
+            title: "Round trip: closed-loop echo, one connection x 20 B",
+            note: "One message in flight at a time: the latency of the path itself, \
+                   including the wake-up of the proxy's CPU.",
+            figures: round_trip_figures(),
+        },
+        Scenario {
+            key: "rtt-1-1cpu",
+            title: "Round trip, proxy, client and backend on one CPU",
+            note: "As above, with the proxy on CPU 0 beside loadgen and the backend: no \
+                   cross-CPU wake-up hides the proxy's own path.",
+            figures: round_trip_figures(),
         },
         Scenario {
             key: "connect",
@@ -288,10 +352,10 @@ pub(crate) fn median_of(
     median(&mut values)
 }
 
-/// Targets in report order: direct, gateway, nginx, haproxy, then any other in the order it
-/// first appears in `runs.json`.
+/// Targets in report order: direct, floor, gateway, nginx, haproxy, then any other in the
+/// order it first appears in `runs.json`.
 pub(crate) fn targets(samples: &[Sample]) -> Vec<String> {
-    const ORDER: [&str; 4] = ["direct", "gateway", "nginx", "haproxy"];
+    const ORDER: [&str; 5] = ["direct", "floor", "gateway", "nginx", "haproxy"];
     let mut out: Vec<String> = Vec::new();
     for s in samples {
         if !out.contains(&s.entry.target) {
@@ -343,13 +407,21 @@ pub(crate) fn format_ratio(value: Option<f64>, reference: Option<f64>) -> String
 }
 
 /// Figures shown as the time a proxy adds over `direct` (median minus direct's median), by
-/// scenario: the close round trip, where most of the absolute time is not the proxy's.
+/// scenario: the round trips, where much of the absolute time is not the proxy's.
 fn added_over_direct(scenario: &str) -> Option<Figure> {
-    (scenario == "close").then_some(Figure {
-        name: "reply p50 added over direct µs",
-        extract: |s| pct(s, "close_reply", 50.0),
-        ratio: true,
-    })
+    match scenario {
+        "close" | "close-1cpu" => Some(Figure {
+            name: "reply p50 added over direct µs",
+            extract: |s| pct(s, "close_reply", 50.0),
+            ratio: true,
+        }),
+        "rtt-1" | "rtt-1-1cpu" => Some(Figure {
+            name: "RTT p50 added over direct µs",
+            extract: |s| pct(s, "echo_rtt", 50.0),
+            ratio: true,
+        }),
+        _ => None,
+    }
 }
 
 /// Median of a figure for `target`, or with `minus_direct` its excess over direct's median.
@@ -369,7 +441,8 @@ fn cell(
 }
 
 /// Markdown table of one scenario: rows = targets with runs in it, columns = its figures
-/// (medians over rounds), each followed by its ratio to nginx where that makes sense.
+/// (medians over rounds), each followed where that makes sense by its ratios to nginx and to
+/// the floor, for those of the two that ran in this scenario.
 pub(crate) fn scenario_table(samples: &[Sample], scenario: &Scenario) -> Option<String> {
     let targets: Vec<String> = targets(samples)
         .into_iter()
@@ -382,6 +455,11 @@ pub(crate) fn scenario_table(samples: &[Sample], scenario: &Scenario) -> Option<
     if targets.is_empty() {
         return None;
     }
+    // A ratio column only for a reference that ran here (a smoke run may lack nginx).
+    let references: Vec<&str> = [REFERENCE, FLOOR]
+        .into_iter()
+        .filter(|r| targets.iter().any(|t| t == r))
+        .collect();
     let rounds = samples
         .iter()
         .filter(|s| s.entry.scenario == scenario.key)
@@ -407,8 +485,10 @@ pub(crate) fn scenario_table(samples: &[Sample], scenario: &Scenario) -> Option<
         let _ = write!(header, " {} |", f.name);
         rule.push_str(" ---: |");
         if f.ratio {
-            let _ = write!(header, " ÷ {REFERENCE} |");
-            rule.push_str(" ---: |");
+            for reference in &references {
+                let _ = write!(header, " ÷ {reference} |");
+                rule.push_str(" ---: |");
+            }
         }
     }
     let _ = writeln!(out, "{header}\n{rule}");
@@ -418,8 +498,10 @@ pub(crate) fn scenario_table(samples: &[Sample], scenario: &Scenario) -> Option<
             let v = cell(samples, scenario.key, t, f, minus_direct);
             let _ = write!(out, " {} |", format_value(v));
             if f.ratio {
-                let r = cell(samples, scenario.key, REFERENCE, f, minus_direct);
-                let _ = write!(out, " {} |", format_ratio(v, r));
+                for reference in &references {
+                    let r = cell(samples, scenario.key, reference, f, minus_direct);
+                    let _ = write!(out, " {} |", format_ratio(v, r));
+                }
             }
         }
         out.push('\n');
@@ -428,7 +510,7 @@ pub(crate) fn scenario_table(samples: &[Sample], scenario: &Scenario) -> Option<
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::{LoadgenRun, RunEntry};
 
@@ -573,6 +655,62 @@ mod tests {
         assert!(gateway.ends_with("| 70 | 0.41x |"), "{gateway}");
         let direct = table.lines().find(|l| l.starts_with("| direct")).unwrap();
         assert!(direct.ends_with("| 0 | 0.00x |"), "{direct}");
+    }
+
+    /// A one-connection round trip sample of `target` with RTT p50 `p50` µs.
+    pub(crate) fn round_trip(scenario: &str, target: &str, p50: u32, cpu: Option<f64>) -> Sample {
+        let json = format!(
+            r#"{{"summary": {{"connections_opened": 1, "messages": 1000, "messages_per_s": 1000,
+                "handshakes_per_s": 0, "errors_total": 0}},
+               "histograms": {{"echo_rtt": {{"count": 1000, "percentiles": [
+                   {{"percentile": 50.0, "value_us": {p50}}}]}}}}}}"#
+        );
+        let mut s = sample(target, 1, 0.0, cpu);
+        s.entry.scenario = scenario.to_owned();
+        s.run = Some(LoadgenRun::parse(&json).unwrap());
+        s
+    }
+
+    #[test]
+    fn tables_with_floor_runs_add_a_ratio_to_the_floor() {
+        let samples = vec![
+            round_trip("rtt-1-1cpu", "direct", 20, None),
+            round_trip("rtt-1-1cpu", "floor", 30, Some(0.01)),
+            round_trip("rtt-1-1cpu", "gateway", 45, Some(0.02)),
+            round_trip("rtt-1-1cpu", "nginx", 60, Some(0.04)),
+        ];
+        let scenario = scenarios()
+            .into_iter()
+            .find(|s| s.key == "rtt-1-1cpu")
+            .unwrap();
+        let table = scenario_table(&samples, &scenario).unwrap();
+        let header = table.lines().find(|l| l.starts_with("| target")).unwrap();
+        assert!(
+            header.starts_with("| target | RTT p50 µs | ÷ nginx | ÷ floor | RTT p99 µs |"),
+            "{header}"
+        );
+        assert!(
+            header.ends_with("| RTT p50 added over direct µs | ÷ nginx | ÷ floor |"),
+            "{header}"
+        );
+        // The floor is a row of its own, right after direct.
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ")).collect();
+        assert!(rows[2].starts_with("| direct |") && rows[3].starts_with("| floor |"));
+        // gateway: 45 µs is 0.75x nginx's 60 and 1.5x the floor's 30; it adds 25 µs over
+        // direct, 0.62x of nginx's 40 and 2.5x the floor's 10.
+        let gateway = table.lines().find(|l| l.starts_with("| gateway")).unwrap();
+        assert!(
+            gateway.starts_with("| gateway | 45 | 0.75x | 1.50x |"),
+            "{gateway}"
+        );
+        assert!(gateway.ends_with("| 25 | 0.62x | 2.50x |"), "{gateway}");
+        // CPU per million: 0.02 s over 1000 messages vs the floor's 0.01.
+        assert!(gateway.contains("| 20 | 0.50x | 2.00x |"), "{gateway}");
+        let floor = table.lines().find(|l| l.starts_with("| floor")).unwrap();
+        assert!(
+            floor.starts_with("| floor | 30 | 0.50x | 1.00x |"),
+            "{floor}"
+        );
     }
 
     #[test]

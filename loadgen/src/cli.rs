@@ -14,8 +14,8 @@ use crate::duration;
 /// latency; `connect` measures connect+upgrade latency and the handshake rate; `idle` opens
 /// connections and holds them (for server memory-per-connection measurements).
 ///
-/// Durations take a unit: 500ms, 30s, 2m. The exit status is 1 if any error was counted
-/// (unless --allow-errors), 2 for bad arguments.
+/// Durations: 500ms, 30s, 2m; a bare number is seconds, as in the gateway. The exit status is 1 if any error was counted
+/// (unless --allow-errors) or if every connection was refused, 2 for bad arguments.
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", version, verbatim_doc_comment)]
 #[expect(
@@ -136,6 +136,8 @@ mod tests {
             (Scenario::Close, Duration::from_millis(500), Some(100.0))
         );
         assert!(Args::try_parse_from(["loadgen", "ws://h/", "--text", "--binary"]).is_err());
-        assert!(Args::try_parse_from(["loadgen", "ws://h/", "-d", "30"]).is_err());
+        let a = Args::try_parse_from(["loadgen", "ws://h/", "-d", "30"]).unwrap();
+        assert_eq!(a.duration, Duration::from_secs(30));
+        assert!(Args::try_parse_from(["loadgen", "ws://h/", "-d", "30d"]).is_err());
     }
 }

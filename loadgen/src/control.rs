@@ -86,6 +86,10 @@ pub(crate) struct Shared {
     /// The validated configuration.
     pub(crate) cfg: Config,
     go: OnceLock<Windows>,
+    /// Connection attempts refused before any connection opened.
+    refused: AtomicU64,
+    /// Some connection completed its upgrade.
+    opened: AtomicBool,
     /// One slot per worker.
     pub(crate) slots: Box<[LiveSlot]>,
 }
@@ -97,8 +101,29 @@ impl Shared {
         Self {
             cfg,
             go: OnceLock::new(),
+            refused: AtomicU64::new(0),
+            opened: AtomicBool::new(false),
             slots,
         }
+    }
+
+    /// Notes that a connection opened: the server is there, refusals are now mere errors.
+    pub(crate) fn note_opened(&self) {
+        self.opened.store(true, Ordering::Relaxed);
+    }
+
+    /// Notes a refused connection attempt.
+    pub(crate) fn note_refused(&self) {
+        if !self.opened.load(Ordering::Relaxed) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether as many attempts as there are connections were refused and none opened:
+    /// nothing listens at the target, so the run measures nothing and should stop now.
+    pub(crate) fn all_refused(&self) -> bool {
+        !self.opened.load(Ordering::Relaxed)
+            && self.refused.load(Ordering::Relaxed) >= self.cfg.connections as u64
     }
 
     /// Starts the run now (called once, by the main thread, when the ramp is over).

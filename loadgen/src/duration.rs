@@ -1,17 +1,16 @@
-//! Human durations: parsed from the command line (`30s`, `500ms`, `2m`), shown in the summary.
+//! Human durations: parsed from the command line (`30s`, `500ms`, `2m`, `30`), shown in the
+//! summary.
 
 use std::time::Duration;
 
-/// Parses `<number><unit>` with unit `us`, `ms`, `s`, `m` or `h` (fractions allowed, `1.5s`);
-/// a bare `0` is accepted since it needs no unit.
+/// Parses `<number>[unit]` with unit `us`, `ms`, `s`, `m` or `h` (fractions allowed, `1.5s`).
+/// A bare number is seconds, as the gateway reads its durations, so one value such as
+/// `--duration 30` means the same to both.
 pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{text}` needs a unit: us, ms, s, m or h (e.g. 30s, 500ms)"))?;
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
@@ -19,7 +18,7 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     let seconds_per_unit = match unit {
         "us" | "µs" => 1e-6,
         "ms" => 1e-3,
-        "s" => 1.0,
+        "" | "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
         _ => {
@@ -65,8 +64,15 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_number_is_seconds_as_in_the_gateway() {
+        assert_eq!(parse("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse(" 10 "), Ok(Duration::from_secs(10)));
+        assert_eq!(parse("0"), Ok(Duration::ZERO));
+        assert_eq!(parse("2.5"), Ok(Duration::from_millis(2500)));
+    }
+
+    #[test]
     fn rejects_missing_or_unknown_units_and_garbage() {
-        assert!(parse("30").unwrap_err().contains("needs a unit"));
         assert!(parse("3d").unwrap_err().contains("unknown unit"));
         assert!(parse("s").unwrap_err().contains("not a number"));
         assert!(parse("1.2.3s").unwrap_err().contains("not a number"));

@@ -90,7 +90,15 @@ fn main() -> ExitCode {
     let report = Report::new(&shared.cfg, &total, timing);
     print!("{}", report.text());
 
-    let mut failed = crashed || (report.errors() > 0 && !shared.cfg.allow_errors);
+    // A run in which nothing could connect measured nothing, so --allow-errors does not apply.
+    let refused = shared.all_refused();
+    let mut failed = refused || crashed || (report.errors() > 0 && !shared.cfg.allow_errors);
+    if refused {
+        eprintln!(
+            "loadgen: every connection to {} was refused: is the server listening there?",
+            shared.cfg.target.addr
+        );
+    }
     if crashed {
         eprintln!("loadgen: a worker thread panicked; its measurements are missing");
     }

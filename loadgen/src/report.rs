@@ -164,8 +164,13 @@ impl Report {
     /// Builds the report from the merged measurements.
     pub(crate) fn new(cfg: &Config, rec: &Recorder, timing: Timing) -> Self {
         let c = &rec.counts;
+        // The measured window, or what of it passed before a run stopped early (every
+        // connection refused), so an empty run never claims the full duration.
         let measured = match cfg.scenario {
-            Scenario::Echo | Scenario::Connect | Scenario::Idle => cfg.duration,
+            Scenario::Echo | Scenario::Connect => {
+                cfg.duration.min(timing.run.saturating_sub(cfg.warmup))
+            }
+            Scenario::Idle => cfg.duration.min(timing.run),
             Scenario::Close => timing.run,
         };
         let messages_per_s = per_second(c.messages, measured);
@@ -416,15 +421,38 @@ mod tests {
     use super::*;
     use crate::cli::Args;
 
+    /// A report of a run that went the distance: long enough for the warmup and `-d`.
     fn report(extra: &[&str], rec: &Recorder) -> Report {
+        report_after(extra, rec, Duration::from_secs(60))
+    }
+
+    fn report_after(extra: &[&str], rec: &Recorder, run: Duration) -> Report {
         let argv = ["loadgen", "ws://127.0.0.1:9/x"].iter().chain(extra);
         let cfg = Config::new(Args::try_parse_from(argv).unwrap(), None).unwrap();
         let timing = Timing {
             started_unix_ms: 1,
             ramp: Duration::from_millis(20),
-            run: Duration::from_secs(3),
+            run,
         };
         Report::new(&cfg, rec, timing)
+    }
+
+    #[test]
+    fn a_run_that_stopped_early_does_not_claim_the_whole_duration() {
+        let text = report_after(
+            &["-d", "30s"],
+            &Recorder::default(),
+            Duration::from_millis(3),
+        )
+        .text();
+        assert!(text.contains("0 verified in 0.0s"), "{text}");
+        let text = report_after(
+            &["-d", "30s"],
+            &Recorder::default(),
+            Duration::from_secs(36),
+        )
+        .text();
+        assert!(text.contains("0 verified in 30.0s"), "{text}");
     }
 
     fn sample_recorder() -> Recorder {

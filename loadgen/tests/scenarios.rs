@@ -127,6 +127,7 @@ struct Run {
     code: Option<i32>,
     report: Value,
     stdout: String,
+    stderr: String,
 }
 
 impl Run {
@@ -183,20 +184,29 @@ fn loadgen(addr: SocketAddr, args: &[&str]) -> Run {
     }
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let report = std::fs::read_to_string(&json).map_or(Value::Null, |s| {
         let _ = std::fs::remove_file(&json);
         serde_json::from_str(&s).unwrap()
     });
     assert!(
         report.is_object(),
-        "no JSON report; stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "no JSON report; stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     Run {
         code: out.status.code(),
         report,
         stdout,
+        stderr,
     }
+}
+
+/// An address nothing listens on: a port the kernel handed out and that was closed again.
+fn closed_port() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 #[test]
@@ -367,10 +377,7 @@ fn a_server_that_stops_reading_is_a_timeout_not_a_hang() {
 
 #[test]
 fn refused_and_rejected_connections_are_counted_by_kind() {
-    let free = StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free = closed_port();
     let run = loadgen(free, &["-c", "3", "-d", "200ms"]);
     assert_eq!(run.code, Some(1));
     assert_eq!(run.errors("connect_refused"), 3, "{}", run.stdout);
@@ -381,6 +388,41 @@ fn refused_and_rejected_connections_are_counted_by_kind() {
     assert_eq!(run.code, Some(1));
     assert_eq!(run.errors("handshake_status"), 2, "{}", run.stdout);
     assert_eq!(run.report["summary"]["handshake_statuses"]["403"], 2);
+}
+
+#[test]
+fn every_connection_refused_says_so_and_stops_at_once() {
+    let free = closed_port();
+    for scenario in ["echo", "connect", "close", "idle"] {
+        let started = Instant::now();
+        // A bare duration is seconds, as the gateway reads it; 20 s is never waited out.
+        let run = loadgen(
+            free,
+            &[
+                "--scenario",
+                scenario,
+                "-c",
+                "4",
+                "-d",
+                "20",
+                "--allow-errors",
+            ],
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "{scenario}: took {took:?}");
+        assert_eq!(run.code, Some(1), "{scenario}: {}", run.stdout);
+        assert!(
+            run.stderr
+                .contains(&format!("every connection to {free} was refused")),
+            "{scenario}: {}",
+            run.stderr
+        );
+        assert_eq!(run.report["parameters"]["duration_s"], 20.0);
+        assert!(run.errors("connect_refused") >= 4, "{}", run.stdout);
+        assert_eq!(run.summary("connections_opened"), 0);
+        let measured = run.report["summary"]["measured_s"].as_f64().unwrap();
+        assert!(measured < 5.0, "{scenario}: claims {measured} s measured");
+    }
 }
 
 #[test]

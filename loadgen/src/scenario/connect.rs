@@ -44,6 +44,9 @@ pub(super) async fn run(ctx: &ThreadCtx, index: usize) {
         }
         let start = Instant::now();
         let Some(opened) = open(ctx).await else {
+            if ctx.shared.all_refused() {
+                break;
+            }
             if schedule.is_none() {
                 io::sleep_until(Instant::now() + RETRY_PAUSE).await;
             }

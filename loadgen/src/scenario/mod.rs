@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use crate::closer::{Closed, Progress};
 use crate::config::{Config, Scenario};
 use crate::control::LiveSlot;
+use crate::errors::ErrorKind;
 use crate::frames::FrameParser;
 use crate::session::{self, Handler, Step};
 use crate::stats::Metric;
@@ -38,6 +39,7 @@ async fn open(ctx: &ThreadCtx) -> Option<Opened> {
     let opened = upgrade::open(&cfg.target, cfg.connect_timeout, read_capacity(cfg)).await;
     match opened {
         Ok(o) => {
+            ctx.shared.note_opened();
             ctx.stats.borrow_mut().counts.opened += 1;
             LiveSlot::bump(&ctx.live().open);
             Some(o)
@@ -58,6 +60,9 @@ async fn open_in_ramp(ctx: &ThreadCtx) -> Option<Opened> {
 }
 
 fn failed(ctx: &ThreadCtx, e: OpenError) {
+    if e.kind == ErrorKind::ConnectRefused {
+        ctx.shared.note_refused();
+    }
     ctx.error(e.kind);
     let mut stats = ctx.stats.borrow_mut();
     stats.counts.failed += 1;
