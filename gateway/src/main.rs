@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         },
         None => args.shorthand_config(),
     };
-    init_logs(config.server.log_format);
+    let _flush_logs = init_logs(config.server.log_format);
     match run(&args, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -80,16 +80,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logs(format: LogFormat) {
+/// Log lines queued for stderr before new ones are dropped: a slow
+/// terminal or a full pipe must never stall a data-plane thread.
+const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+/// Logs go through a queue to a writer thread, so a data-plane thread never blocks on stderr.
+/// The returned guard flushes what is queued when `main` returns.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("gateway-log")
+        .finish(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_env_filter(filter);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 fn run(args: &Args, config: Config) -> Result<(), String> {

@@ -2,12 +2,14 @@
 
 pub mod common;
 
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use codec::frame::OpCode;
 use common::{
     EchoBackend, Gateway, WsBackend, close_frame, connect, drain_to_end, echo_then_close, field,
-    raw_client, within,
+    raw_client, within, within_for,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,4 +109,53 @@ async fn access_line_names_gateway_as_closer_on_violation() {
     let line = access_line(&gw).await;
     assert_eq!(field(&line, "close_code"), Some("1007"), "{line}");
     assert_eq!(field(&line, "closed_by"), Some("gateway"), "{line}");
+}
+
+/// A gateway process killed however the test ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        drop(self.0.kill());
+        drop(self.0.wait());
+    }
+}
+
+/// Nobody reads the gateway's stderr (a stalled log shipper, a full pipe): logging must not
+/// stall the connections, so lines are queued and, past the queue, dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_stderr_never_stalls_connections() {
+    let addr = common::free_addr();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--listen", &addr.to_string(), "--cores", "1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("gateway starts"),
+    );
+    // Read up to the start line, then never again: the pipe (64 KiB) fills after a few hundred
+    // access lines.
+    let mut stderr = BufReader::new(child.0.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("gateway listening") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("read stderr") > 0,
+            "the gateway exited before listening"
+        );
+    }
+    let url = format!("ws://{addr}/");
+    within_for(
+        Duration::from_secs(60),
+        "1,500 connections with nobody reading stderr",
+        Box::pin(async {
+            for i in 0..1500 {
+                let mut ws = connect(&url).await;
+                echo_then_close(&mut ws, &format!("message {i}")).await;
+            }
+        }),
+    )
+    .await;
+    drop(child);
+    drop(stderr);
 }
