@@ -92,7 +92,7 @@ fn upstream_headers(req: &UpgradeRequest, client: SocketAddr) -> Vec<(&'static s
 
 /// Appends a `Forwarded` value as RFC 7239 section 4 writes it: a token as it is, anything else
 /// (an IPv6 node, a host with a port) as a quoted-string with `"` and `\` escaped (RFC 7230
-/// quoted-pair). Controls other than tab cannot be quoted and are dropped; parse_request has
+/// quoted-pair). Controls other than tab cannot be quoted and are dropped; `parse_request` has
 /// already refused them in `Host`.
 fn forwarded_value(out: &mut String, value: &str) {
     let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
