@@ -12,6 +12,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use sha1::{Digest as _, Sha1};
 
+use crate::target::{self, TargetError};
+
 /// The fixed GUID that RFC 6455 appends to the key, so a non-WebSocket server cannot produce a
 /// valid accept by accident.
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -63,6 +65,10 @@ pub enum HandshakeError {
     UnsupportedHttpVersion,
     /// No usable `Host` header (400).
     MissingHost,
+    /// `Host` is not `host[:port]` (RFC 3986 section 3.2.2), e.g. it holds a quote (400).
+    BadHost,
+    /// The request target cannot be routed safely; the inner error says why (400).
+    BadTarget(TargetError),
     /// No `Upgrade: websocket` or no `upgrade` token in `Connection`, e.g. plain HTTP (426).
     NotUpgrade,
     /// `Sec-WebSocket-Version` is missing or not 13 (426).
@@ -94,9 +100,12 @@ impl HandshakeError {
     #[must_use]
     pub const fn http_status(self) -> u16 {
         match self {
-            Self::Malformed | Self::UnsupportedHttpVersion | Self::MissingHost | Self::BadKey => {
-                400
-            }
+            Self::Malformed
+            | Self::UnsupportedHttpVersion
+            | Self::MissingHost
+            | Self::BadHost
+            | Self::BadTarget(_)
+            | Self::BadKey => 400,
             Self::MethodNotAllowed => 405,
             Self::NotUpgrade | Self::UnsupportedVersion => 426,
             Self::HeadTooLarge | Self::TooManyHeaders => 431,
@@ -118,6 +127,8 @@ impl HandshakeError {
             Self::MethodNotAllowed => "method not allowed: WebSocket upgrades use GET",
             Self::UnsupportedHttpVersion => "WebSocket upgrades require HTTP/1.1",
             Self::MissingHost => "missing Host header",
+            Self::BadHost => "invalid Host header: expected host[:port]",
+            Self::BadTarget(e) => e.as_str(),
             Self::NotUpgrade => "not a WebSocket upgrade request",
             Self::UnsupportedVersion => "unsupported Sec-WebSocket-Version: only 13 is supported",
             Self::BadKey => "invalid Sec-WebSocket-Key",
@@ -199,9 +210,10 @@ const fn reason_phrase(status: u16) -> &'static str {
 /// A validated upgrade request, owned so it can outlive the read buffer it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpgradeRequest {
-    /// Request target including the query, as sent (always origin-form, starting with `/`).
+    /// Request target in origin-form: the path normalised by [`target::normalize_target`]
+    /// (what routes match and what the backend receives), the query as sent.
     pub path: String,
-    /// `Host`, trimmed.
+    /// `Host`, trimmed; checked to be `host[:port]` ([`target::is_valid_host`]).
     pub host: String,
     /// `Sec-WebSocket-Key`, trimmed; already checked to be base64 of 16 bytes.
     pub key: String,
@@ -232,7 +244,8 @@ impl UpgradeRequest {
 /// already belong to the WebSocket stream.
 ///
 /// Requests framing a body (`Content-Length` other than 0, or `Transfer-Encoding`) are
-/// `Malformed`: the bytes after the head would otherwise be read as frames.
+/// `Malformed`: the bytes after the head would otherwise be read as frames. The path comes
+/// back normalised, or the request is refused with [`HandshakeError::BadTarget`].
 pub fn parse_request(
     buf: &[u8],
     limits: &HeadLimits,
@@ -259,10 +272,8 @@ fn validate_request(req: &httparse::Request<'_, '_>) -> Result<UpgradeRequest, H
     if req.version != Some(1) {
         return Err(HandshakeError::UnsupportedHttpVersion);
     }
-    let path = match req.path {
-        Some(p) if p.starts_with('/') => p,
-        _ => return Err(HandshakeError::Malformed),
-    };
+    let path = target::normalize_target(req.path.unwrap_or_default())
+        .map_err(HandshakeError::BadTarget)?;
 
     let mut host = None;
     let mut hosts = 0_usize;
@@ -308,8 +319,8 @@ fn validate_request(req: &httparse::Request<'_, '_>) -> Result<UpgradeRequest, H
     let host = match host {
         _ if hosts > 1 => return Err(HandshakeError::Malformed),
         None | Some(b"") => return Err(HandshakeError::MissingHost),
-        Some(h) if h.iter().all(u8::is_ascii_graphic) => h,
-        Some(_) => return Err(HandshakeError::Malformed),
+        Some(h) if target::is_valid_host(h) => h,
+        Some(_) => return Err(HandshakeError::BadHost),
     };
     if !upgrade || !connection {
         return Err(HandshakeError::NotUpgrade);
@@ -326,7 +337,7 @@ fn validate_request(req: &httparse::Request<'_, '_>) -> Result<UpgradeRequest, H
     }
 
     Ok(UpgradeRequest {
-        path: path.to_owned(),
+        path,
         host: ascii_string(host),
         key: ascii_string(key),
         protocols,
@@ -735,6 +746,8 @@ mod tests {
             E::MethodNotAllowed,
             E::UnsupportedHttpVersion,
             E::MissingHost,
+            E::BadHost,
+            E::BadTarget(TargetError::AboveRoot),
             E::NotUpgrade,
             E::UnsupportedVersion,
             E::BadKey,

@@ -11,6 +11,7 @@
 //! - [`message`]: per-direction message validation (fragmentation, limits, UTF-8);
 //! - [`close`]: close codes and close-frame payloads;
 //! - [`handshake`]: the HTTP/1.1 upgrade, both sides;
+//! - [`target`]: the request path and `Host` normalised and checked before routing;
 //! - [`error`]: the one protocol error type and its mapping to close codes.
 #![deny(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod frame;
 pub mod handshake;
 pub mod mask;
 pub mod message;
+pub mod target;
 pub mod utf8;
 
 pub use close::CloseCode;

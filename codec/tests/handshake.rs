@@ -4,6 +4,7 @@ use codec::handshake::{
     ClientHandshake, HandshakeError, HeadLimits, ServerResponse, UpgradeRequest, accept_key,
     offers_permessage_deflate, parse_request, write_response,
 };
+use codec::target::{TargetError, normalize_path, normalize_target};
 use proptest::prelude::*;
 
 const RFC_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -151,7 +152,7 @@ fn request_side_400s() {
         ),
         (
             request_with("GET * HTTP/1.1", &GOOD),
-            HandshakeError::Malformed,
+            HandshakeError::BadTarget(TargetError::NotOriginForm),
         ),
         (
             request_with("GET / HTTP/1.0", &GOOD),
@@ -224,10 +225,96 @@ fn request_side_400s() {
     let mut req = request_with("GET / HTTP/1.1", &headers(Some(0), &[]));
     let at = req.len() - 2;
     req.splice(at..at, b"Host: h\xff\xfe\r\n".iter().copied());
-    assert_eq!(parse_err(&req), HandshakeError::Malformed);
+    assert_eq!(parse_err(&req), HandshakeError::BadHost);
     // Content-Length: 0 is harmless.
     let req = request_with("GET / HTTP/1.1", &headers(None, &["Content-Length: 0"]));
     assert!(parse(&req).unwrap().is_some());
+}
+
+#[test]
+fn paths_come_back_normalised_with_the_query_as_sent() {
+    let cases = [
+        ("/chat/../admin", "/admin"),
+        ("/chat/%2e%2e/admin", "/admin"),
+        ("/%61dmin", "/admin"),
+        ("//admin", "/admin"),
+        ("/./admin", "/admin"),
+        ("/room//7/./x/../?q=/../%2f%61#", "/room/7/?q=/../%2f%61#"),
+        ("/%7euser/%3f?%7e", "/~user/%3F?%7e"),
+    ];
+    for (raw, want) in cases {
+        if raw.contains('#') {
+            // A fragment is refused wherever it is.
+            let e = parse_err(&request_with(&format!("GET {raw} HTTP/1.1"), &GOOD));
+            assert_eq!(e, HandshakeError::BadTarget(TargetError::Fragment), "{raw}");
+            continue;
+        }
+        let req = request_with(&format!("GET {raw} HTTP/1.1"), &GOOD);
+        let (r, _) = parse(&req).unwrap().expect("complete");
+        assert_eq!(r.path, want, "{raw}");
+    }
+}
+
+#[test]
+fn ambiguous_targets_are_400_with_the_reason() {
+    let cases = [
+        ("/a%2Fb", TargetError::EncodedSlash, "encoded slash"),
+        ("/a\\b", TargetError::Backslash, "backslash"),
+        ("/a%5cb", TargetError::Backslash, "backslash"),
+        ("/a%00", TargetError::Nul, "NUL"),
+        ("/a%g0", TargetError::BadEscape, "percent-escape"),
+        ("/../admin", TargetError::AboveRoot, "above the root"),
+        (
+            "/chat/../../admin",
+            TargetError::AboveRoot,
+            "above the root",
+        ),
+        (
+            "/x/..;/admin",
+            TargetError::DotSegmentParameters,
+            "parameters",
+        ),
+        ("http://h/admin", TargetError::NotOriginForm, "origin-form"),
+    ];
+    for (raw, inner, reason) in cases {
+        let e = parse_err(&request_with(&format!("GET {raw} HTTP/1.1"), &GOOD));
+        assert_eq!(e, HandshakeError::BadTarget(inner), "{raw}");
+        assert_eq!(e.http_status(), 400);
+        let resp = written(e);
+        assert!(resp.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{resp}");
+        assert!(resp.contains(reason), "{raw}: {resp}");
+    }
+}
+
+/// `GOOD` with `Host: host` in place of its own.
+fn with_host(host: &str) -> Vec<u8> {
+    let line = format!("Host: {host}");
+    let mut fields = vec![line.as_str()];
+    fields.extend(&GOOD[1..]);
+    request_with("GET / HTTP/1.1", &fields)
+}
+
+#[test]
+fn hosts_must_be_host_and_port() {
+    for good in [
+        "h",
+        "h.example:8080",
+        "127.0.0.1",
+        "[::1]:9",
+        "h.example.",
+        "h:",
+    ] {
+        let (r, _) = parse(&with_host(good)).unwrap().expect("complete");
+        assert_eq!(r.host, good);
+    }
+    for bad in [
+        "weird\\", "\"h\"", "a b", "h:x", "h:70000", "[::1", "::1", "h/x", "h@x", ":80",
+    ] {
+        let e = parse_err(&with_host(bad));
+        assert_eq!(e, HandshakeError::BadHost, "{bad}");
+        assert_eq!(e.http_status(), 400);
+        assert!(written(e).contains("invalid Host header"));
+    }
 }
 
 #[test]
@@ -662,6 +749,64 @@ proptest! {
         let got = offered_client().parse_response(&bytes, &limits);
         if bytes.len() >= limits.max_bytes {
             prop_assert!(!matches!(got, Ok(None)));
+        }
+    }
+}
+
+/// Pieces that build request paths near the normaliser's edge cases.
+const PIECES: [&str; 24] = [
+    "/", "/", "//", ".", "..", "%2e", "%2E", "%2e%2e", "a", "B", "%41", "%7e", "%7E", "%3f", "%3F",
+    "~", ";", ";x", "%25", "%2f", "%5C", "%00", "\\", "\u{e9}",
+];
+
+fn path_strategy() -> impl Strategy<Value = String> {
+    proptest::collection::vec(proptest::sample::select(&PIECES[..]), 0..24)
+        .prop_map(|pieces| format!("/{}", pieces.concat()))
+}
+
+/// What every normalised path must look like.
+fn assert_normal(path: &str) -> Result<(), TestCaseError> {
+    prop_assert!(path.starts_with('/'), "{path}");
+    prop_assert!(!path.contains("//"), "{path}");
+    prop_assert!(!path.contains("/./") && !path.contains("/../"), "{path}");
+    prop_assert!(!path.ends_with("/.") && !path.ends_with("/.."), "{path}");
+    prop_assert!(!path.contains('\\'), "{path}");
+    prop_assert_eq!(normalize_path(path), Ok(path.to_owned()), "not idempotent");
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn normalised_paths_are_canonical(raw in path_strategy()) {
+        if let Ok(path) = normalize_path(&raw) {
+            assert_normal(&path)?;
+            prop_assert!(path.len() <= raw.len());
+            // Percent-escapes left are upper-case and never encode an unreserved character.
+            for (i, _) in path.match_indices('%') {
+                let hex = &path[i + 1..i + 3];
+                prop_assert_eq!(hex, hex.to_ascii_uppercase());
+                let byte = u8::from_str_radix(hex, 16).unwrap();
+                prop_assert!(!(byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)));
+            }
+        }
+    }
+
+    #[test]
+    fn any_string_normalises_or_is_refused(raw in "/[ -~]{0,40}") {
+        if let Ok(target) = normalize_target(&raw) {
+            let path = target.split('?').next().unwrap_or_default();
+            assert_normal(path)?;
+            prop_assert_eq!(normalize_target(&target), Ok(target.clone()));
+        }
+    }
+
+    #[test]
+    fn parsed_request_paths_are_normal(raw in path_strategy()) {
+        let req = request_with(&format!("GET {raw} HTTP/1.1"), &GOOD);
+        match parse(&req) {
+            Ok(Some((r, _))) => assert_normal(&r.path)?,
+            Ok(None) => prop_assert!(false, "complete request read as partial"),
+            Err(e) => prop_assert_eq!(e.http_status(), 400),
         }
     }
 }

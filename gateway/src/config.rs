@@ -457,7 +457,7 @@ impl Config {
     ///
     /// `host` is the `Host` header as sent (any port is ignored, case does not matter); `path`
     /// is the request target. A prefix matches whole segments: `/chat` takes `/chat`,
-    /// `/chat/x` and `/chat?q`, not `/chatter`.
+    /// `/chat/x`, `/chat;p` and `/chat?q`, not `/chatter`.
     pub(crate) fn route(&self, host: &str, path: &str) -> Option<&Route> {
         let host = strip_port(host);
         // Validation rejects routes with the same host and prefix, so there are no ties.
@@ -507,11 +507,12 @@ fn strip_port(host: &str) -> &str {
     host.strip_suffix('.').unwrap_or(host)
 }
 
+/// A `;` ends the segment too: servlet containers serve `/admin;x` as `/admin`.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/"
         || path
             .strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', ';']))
 }
 
 // ---- The file as written: every key optional here, so that defaults and error messages are
@@ -1142,7 +1143,10 @@ fn path_prefix(text: &str) -> Result<String, String> {
             "{text:?} must be a plain path (no query, fragment or spaces)"
         ));
     }
-    let trimmed = text.trim_end_matches('/');
+    // Requests are matched on their normalised path, so a prefix is normalised the same way
+    // (`/%61dmin` is `/admin`); one no request could ever match is an error.
+    let normal = codec::target::normalize_path(text).map_err(|e| format!("{text:?}: {e}"))?;
+    let trimmed = normal.trim_end_matches('/');
     Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
 }
 

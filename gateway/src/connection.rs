@@ -187,6 +187,8 @@ async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Sess
             return None;
         }
     };
+    // `req.path` is already normalised (codec::target): the route matches the very path the
+    // backend will be sent, so no spelling of `/admin` can take another route's rules.
     let Some(route) = cfg.route(&req.host, &req.path) else {
         tracing::info!(%client, host = req.host, path = req.path, "no route");
         let out = plain(404, "Not Found", "no route for this host and path", "");

@@ -77,16 +77,37 @@ fn upstream_headers(req: &UpgradeRequest, client: SocketAddr) -> Vec<(&'static s
     headers.push(("X-Forwarded-Proto", b"http".to_vec()));
     headers.push(("X-Forwarded-Host", req.host.clone().into_bytes()));
     let node = if client.is_ipv6() {
-        format!("\"[{ip}]\"")
+        format!("[{ip}]")
     } else {
         ip
     };
-    let host = req.host.replace('"', "");
-    headers.push((
-        "Forwarded",
-        format!("for={node};host=\"{host}\";proto=http").into_bytes(),
-    ));
+    let mut forwarded = String::from("for=");
+    forwarded_value(&mut forwarded, &node);
+    forwarded.push_str(";host=");
+    forwarded_value(&mut forwarded, &req.host);
+    forwarded.push_str(";proto=http");
+    headers.push(("Forwarded", forwarded.into_bytes()));
     headers
+}
+
+/// Appends a `Forwarded` value as RFC 7239 section 4 writes it: a token as it is, anything else
+/// (an IPv6 node, a host with a port) as a quoted-string with `"` and `\` escaped (RFC 7230
+/// quoted-pair). Controls other than tab cannot be quoted and are dropped; `parse_request` has
+/// already refused them in `Host`.
+fn forwarded_value(out: &mut String, value: &str) {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if !value.is_empty() && value.chars().all(tchar) {
+        out.push_str(value);
+        return;
+    }
+    out.push('"');
+    for c in value.chars().filter(|&c| c == '\t' || !c.is_control()) {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// What a connection needs to reach one pool.
@@ -259,7 +280,7 @@ mod tests {
         assert_eq!(get("X-Forwarded-Host").as_deref(), Some("example.com"));
         assert_eq!(
             get("Forwarded").as_deref(),
-            Some("for=192.0.2.7;host=\"example.com\";proto=http")
+            Some("for=192.0.2.7;host=example.com;proto=http")
         );
         assert_eq!(get("X-Secret"), None);
         let v6 = upstream_headers(&req, "[::1]:5555".parse().unwrap());
@@ -267,5 +288,25 @@ mod tests {
             v6.iter()
                 .any(|(n, v)| *n == "Forwarded" && v.starts_with(b"for=\"[::1]\""))
         );
+    }
+
+    #[test]
+    fn forwarded_values_are_tokens_or_quoted_strings() {
+        let cases = [
+            ("example.com", "example.com"),
+            ("example.com:8080", "\"example.com:8080\""),
+            ("[::1]:8080", "\"[::1]:8080\""),
+            ("a;b,c=d", "\"a;b,c=d\""),
+            // Values parse_request refuses, in case a caller ever passes one.
+            ("weird\\", "\"weird\\\\\""),
+            ("say \"hi\"", "\"say \\\"hi\\\"\""),
+            ("a\r\nb", "\"ab\""),
+            ("", "\"\""),
+        ];
+        for (value, want) in cases {
+            let mut out = String::new();
+            forwarded_value(&mut out, value);
+            assert_eq!(out, want, "{value:?}");
+        }
     }
 }
