@@ -579,6 +579,16 @@ impl Reader<'_> {
             self.p.add_at(at, line, format!("must be a table: [{at}]"));
             return T::default();
         };
+        self.keys(table, at, line)
+    }
+
+    /// [`Reader::section`] on a table known to be one.
+    fn keys<T: DeserializeOwned + Default>(
+        &mut self,
+        table: &dyn toml_edit::TableLike,
+        at: &str,
+        line: Option<usize>,
+    ) -> T {
         let mut fitting = toml_edit::InlineTable::new();
         for (key, item) in table.iter() {
             let Ok(value) = item.clone().into_value() else {
@@ -620,11 +630,7 @@ impl Reader<'_> {
                 .enumerate()
                 .map(|(i, table)| {
                     let line = self.line(table.span()).or(line);
-                    self.section(
-                        &toml_edit::Item::Table(table.clone()),
-                        &format!("{at}[{i}]"),
-                        line,
-                    )
+                    self.keys(table, &format!("{at}[{i}]"), line)
                 })
                 .collect();
         }
@@ -633,14 +639,9 @@ impl Reader<'_> {
         {
             return array
                 .iter()
+                .filter_map(toml_edit::Value::as_inline_table)
                 .enumerate()
-                .map(|(i, v)| {
-                    self.section(
-                        &toml_edit::Item::Value(v.clone()),
-                        &format!("{at}[{i}]"),
-                        line,
-                    )
-                })
+                .map(|(i, table)| self.keys(table, &format!("{at}[{i}]"), line))
                 .collect();
         }
         self.p.add_at(
@@ -674,7 +675,7 @@ fn plain_serde_message(message: &str) -> String {
 pub(crate) struct DurationText(String);
 
 impl From<Duration> for DurationText {
-    /// The shortest exact text: `250ms`, `10s`, `0s`.
+    /// `10s`, `0s`, or `250ms` for a fraction of a second (whole milliseconds: the defaults).
     fn from(d: Duration) -> Self {
         if d.subsec_nanos() == 0 {
             Self(format!("{}s", d.as_secs()))
@@ -859,10 +860,15 @@ impl RawConfig {
                         raw.upstream.insert(name.to_owned(), pool);
                     }
                 }
-                _ => r.p.add_at(
+                _ if item.is_table_like() => r.p.add_at(
                     toml_key(key),
                     line,
                     format!("unknown section, expected one of {SECTIONS}"),
+                ),
+                _ => r.p.add_at(
+                    toml_key(key),
+                    line,
+                    format!("unknown key outside any section; keys belong in {SECTIONS}"),
                 ),
             }
         }
@@ -1772,6 +1778,29 @@ mod tests {
         );
     }
 
+    /// Inline tables are the same TOML as sections, and are read (and checked) the same way.
+    #[test]
+    fn inline_tables_read_like_sections() {
+        let c = Config::from_toml(
+            "listener = [{ address = \"127.0.0.1:1\" }]\nroute = [{ upstream = \"echo\" }]\n\
+             limits = { max_message = 10 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners, vec!["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(
+            c.routes[0].limits,
+            codec::Limits::new(10, DEFAULT_MAX_MESSAGE)
+        );
+        let e =
+            err("listener = [{ adress = \"127.0.0.1:1\" }]\nroute = [{ upstream = \"echo\" }]\n");
+        assert_eq!(
+            e,
+            "2 problems:\n  \
+             listener[0].adress (line 1): unknown field `adress`, expected `address`\n  \
+             listener[0].address: missing; give an ip:port like \"0.0.0.0:8080\""
+        );
+    }
+
     /// Past syntax, one run reports every mistake: unknown keys anywhere, wrong types, bad
     /// values, each once, with its key path.
     #[test]
@@ -1784,6 +1813,11 @@ mod tests {
              [upstream.a]\nbackends = [\"ws://127.0.0.1:1\"]\nhealth = \"1s\"\n\
              [upstream.b]\nbackend = [\"ws://127.0.0.1:1\"]\n",
         ));
+        let top = err(&format!("cores = 2\n{}", with(ECHO_ROUTE)));
+        assert_eq!(
+            top,
+            format!("cores (line 1): unknown key outside any section; keys belong in {SECTIONS}")
+        );
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(lines[0], "10 problems:", "{e}");
         let expected = [
