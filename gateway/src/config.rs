@@ -12,28 +12,42 @@ use std::time::Duration;
 
 use codec::handshake::HeadLimits;
 use serde::Deserialize;
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, DeserializeOwned, Deserializer, IntoDeserializer as _, Visitor};
 
 /// The upstream name that means the embedded echo; it cannot name an `[upstream.NAME]`.
-const ECHO: &str = "echo";
-/// The pool name the CLI shorthand gives its `--backend` list (shows up in logs).
-const SHORTHAND_POOL: &str = "default";
+pub(crate) const ECHO: &str = "echo";
 
-const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_MAX_CONNECTIONS: u64 = 100_000;
+// ---- Every default, in one table: the file's validator falls back to these and the CLI shows
+// ---- them in `--help` (its flags feed the same validator), so the two cannot drift apart.
+
+pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_MAX_HEADER_BYTES: u64 = HeadLimits::DEFAULT.max_bytes as u64;
+/// Both `max_message` and `max_frame`.
+pub(crate) const DEFAULT_MAX_MESSAGE: u64 = codec::Limits::DEFAULT_MAX;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: u64 = 100_000;
 /// 0: no per-IP limit. Behind an L4 balancer every client can share one address.
-const DEFAULT_MAX_CONNECTIONS_PER_IP: u64 = 0;
-const DEFAULT_WRITE_BUFFER: u64 = 64 << 10;
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_MAX_CONNECTIONS_PER_IP: u64 = 0;
+pub(crate) const DEFAULT_WRITE_BUFFER: u64 = 64 << 10;
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Zero: off.
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::ZERO;
+/// Zero: off.
+pub(crate) const DEFAULT_PING_INTERVAL: Duration = Duration::ZERO;
+pub(crate) const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_EJECT_AFTER: u32 = 3;
 const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(30);
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// No valid upgrade request fits in less (the mandatory headers alone take about 150 bytes),
 /// so a smaller `max_header_bytes` is a typo that would refuse every client with 431.
 const MIN_HEADER_BYTES: u64 = 256;
+/// The relay reads at least this much at a time, so a smaller `write_buffer` could not be
+/// honoured.
+const MIN_WRITE_BUFFER: u64 = crate::relay::MIN_READ as u64;
+/// The sections a file may have, for the message about any other.
+const SECTIONS: &str = "[server], [[listener]], [limits], [timeouts], [[route]], [upstream.NAME]";
 
 /// A parsed `ws://` backend address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -369,12 +383,27 @@ pub(crate) struct HealthCheck {
 }
 
 impl Config {
-    /// Parses and validates a configuration file's text.
+    /// Parses and validates a configuration file's text. Past TOML syntax, every mistake is
+    /// collected: unknown keys and values of the wrong type (with their line) as well as the
+    /// validator's findings, so one `--check-config` run names them all.
     pub(crate) fn from_toml(text: &str) -> Result<Self, ConfigError> {
         // toml's own message carries the line, column and a snippet of the offending line.
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_owned()))?;
-        raw.validate()
+        let doc = toml_edit::ImDocument::parse(text)
+            .map_err(|e| ConfigError(e.to_string().trim_end().to_owned()))?;
+        let mut p = Problems::default();
+        let raw = RawConfig::read(doc.as_table(), text, &mut p);
+        raw.validate(p)
+    }
+
+    /// Validates the configuration the CLI shorthand wrote in the file's shape, with the file's
+    /// checks; `flag` names the flag that set a key path, for the messages.
+    pub(crate) fn from_flags(
+        table: &toml_edit::Table,
+        flag: fn(&str) -> Option<&'static str>,
+    ) -> Result<Self, ConfigError> {
+        let mut p = Problems::naming(flag);
+        let raw = RawConfig::read(table, "", &mut p);
+        raw.validate(p)
     }
 
     /// [`Config::from_toml`] on a file; the error starts with the file's path.
@@ -382,73 +411,6 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
-    }
-
-    /// The CLI shorthand: one listener, one route "/" to one pool (round-robin, no health
-    /// check) or to echo when `backends` is empty; everything else at its default.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one parameter per CLI flag; cli/main is the only caller"
-    )]
-    pub(crate) fn shorthand(
-        listen: SocketAddr,
-        backends: Vec<BackendUrl>,
-        cores: Option<usize>,
-        handshake_timeout: Duration,
-        connect_timeout: Duration,
-        close_timeout: Duration,
-        max_message: u64,
-        max_header_bytes: usize,
-    ) -> Self {
-        let limits = codec::Limits::new(max_message, max_message);
-        let (upstream, pools) = if backends.is_empty() {
-            (Upstream::Echo, Vec::new())
-        } else {
-            let pool = Pool {
-                name: SHORTHAND_POOL.to_owned(),
-                backends,
-                balance: Balance::RoundRobin,
-                eject_after: DEFAULT_EJECT_AFTER,
-                eject_for: DEFAULT_EJECT_FOR,
-                health: None,
-            };
-            (Upstream::Pool(0), vec![pool])
-        };
-        Self::assemble(
-            Server {
-                cores,
-                admin: None,
-                log_format: LogFormat::Text,
-                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            },
-            vec![listen],
-            GlobalLimits {
-                handshake_timeout,
-                head_limits: HeadLimits {
-                    max_bytes: max_header_bytes,
-                    ..HeadLimits::DEFAULT
-                },
-                max_connections: DEFAULT_MAX_CONNECTIONS as usize,
-                max_connections_per_ip: per_ip_limit(DEFAULT_MAX_CONNECTIONS_PER_IP),
-                write_buffer: DEFAULT_WRITE_BUFFER as usize,
-                message: limits,
-            },
-            Timeouts {
-                connect: connect_timeout,
-                close: close_timeout,
-                idle: None,
-                ping_interval: None,
-                pong_timeout: DEFAULT_PONG_TIMEOUT,
-            },
-            vec![Route {
-                host: None,
-                path_prefix: "/".to_owned(),
-                upstream,
-                origins: None,
-                limits,
-            }],
-            pools,
-        )
     }
 
     /// The route for a request: routes with a matching host pattern beat host-less ones (exact
@@ -516,10 +478,12 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 // ---- The file as written: every key optional here, so that defaults and error messages are
-// ---- decided in one place (`validate`) rather than split between serde and the checks.
+// ---- decided in one place (`validate`) rather than split between serde and the checks. The
+// ---- CLI shorthand writes its flags into the same TOML shape, so it meets the same checks.
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+/// The sections; [`RawConfig::read`] fills them key by key, so that one mistake cannot hide
+/// the others.
+#[derive(Default)]
 struct RawConfig {
     server: RawServer,
     listener: Vec<RawListener>,
@@ -590,8 +554,152 @@ struct RawUpstream {
     health_timeout: Option<DurationText>,
 }
 
-/// A duration as written: a string for [`parse_duration`], or a bare integer (seconds).
-struct DurationText(String);
+/// Reads one document into the raw sections, reporting what does not fit.
+struct Reader<'a> {
+    text: &'a str,
+    p: &'a mut Problems,
+}
+
+impl Reader<'_> {
+    /// The 1-based line a span starts on.
+    fn line(&self, span: Option<std::ops::Range<usize>>) -> Option<usize> {
+        let start = span?.start;
+        Some(self.text.get(..start)?.matches('\n').count() + 1)
+    }
+
+    /// A `[section]` (or an inline table), read key by key: each key is deserialized on its
+    /// own, so every unknown key and every value of the wrong type is reported, not only the
+    /// first; they are left out of what is returned.
+    fn section<T: DeserializeOwned + Default>(
+        &mut self,
+        item: &toml_edit::Item,
+        at: &str,
+        line: Option<usize>,
+    ) -> T {
+        let Some(table) = item.as_table_like() else {
+            self.p.add_at(at, line, format!("must be a table: [{at}]"));
+            return T::default();
+        };
+        self.keys(table, at, line)
+    }
+
+    /// [`Reader::section`] on a table known to be one.
+    fn keys<T: DeserializeOwned + Default>(
+        &mut self,
+        table: &dyn toml_edit::TableLike,
+        at: &str,
+        line: Option<usize>,
+    ) -> T {
+        let mut fitting = toml_edit::InlineTable::new();
+        for (key, item) in table.iter() {
+            let Ok(value) = item.clone().into_value() else {
+                continue;
+            };
+            let mut alone = toml_edit::InlineTable::new();
+            alone.insert(key, value.clone());
+            match T::deserialize(toml_edit::Value::InlineTable(alone).into_deserializer()) {
+                Ok(_) => {
+                    fitting.insert(key, value);
+                }
+                Err(e) => {
+                    let line = self.line(table.get_key_value(key).and_then(|(k, _)| k.span()));
+                    let field = format!("{at}.{}", toml_key(key));
+                    self.p.add_at(field, line, plain_serde_message(e.message()));
+                }
+            }
+        }
+        // Each key fits on its own and every field is optional, so together they fit too.
+        T::deserialize(toml_edit::Value::InlineTable(fitting).into_deserializer()).unwrap_or_else(
+            |e| {
+                self.p.add_at(at, line, plain_serde_message(e.message()));
+                T::default()
+            },
+        )
+    }
+
+    /// A `[[section]]` list (or an array of inline tables), each entry read as a section
+    /// named `at[i]`.
+    fn array<T: DeserializeOwned + Default>(
+        &mut self,
+        item: &toml_edit::Item,
+        at: &str,
+        line: Option<usize>,
+    ) -> Vec<T> {
+        if let Some(tables) = item.as_array_of_tables() {
+            return tables
+                .iter()
+                .enumerate()
+                .map(|(i, table)| {
+                    let line = self.line(table.span()).or(line);
+                    self.keys(table, &format!("{at}[{i}]"), line)
+                })
+                .collect();
+        }
+        if let Some(array) = item.as_array()
+            && array.iter().all(toml_edit::Value::is_inline_table)
+        {
+            return array
+                .iter()
+                .filter_map(toml_edit::Value::as_inline_table)
+                .enumerate()
+                .map(|(i, table)| self.keys(table, &format!("{at}[{i}]"), line))
+                .collect();
+        }
+        self.p.add_at(
+            at,
+            line,
+            format!("must be a list of tables: write [[{at}]], not [{at}]"),
+        );
+        Vec::new()
+    }
+}
+
+/// A key as it is written in a key path: bare when it can be, else quoted.
+fn toml_key(key: &str) -> String {
+    if is_bare_name(key) {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    }
+}
+
+/// serde's words for integer types, in the file's terms.
+fn plain_serde_message(message: &str) -> String {
+    message
+        .replace("expected u64", "expected a non-negative integer")
+        .replace("expected u32", "expected a non-negative integer")
+}
+
+/// A duration as written: a string for [`parse_duration`], or a bare integer (seconds). The
+/// CLI passes its duration flags through as these, so they are checked where the file's are.
+#[derive(Clone, Debug)]
+pub(crate) struct DurationText(String);
+
+impl From<Duration> for DurationText {
+    /// `10s`, `0s`, or `250ms` for a fraction of a second (whole milliseconds: the defaults).
+    fn from(d: Duration) -> Self {
+        if d.subsec_nanos() == 0 {
+            Self(format!("{}s", d.as_secs()))
+        } else {
+            Self(format!("{}ms", d.as_millis()))
+        }
+    }
+}
+
+impl FromStr for DurationText {
+    type Err = std::convert::Infallible;
+
+    /// Any text; [`parse_duration`] judges it during validation.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl fmt::Display for DurationText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 impl<'de> Deserialize<'de> for DurationText {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -618,12 +726,48 @@ impl<'de> Deserialize<'de> for DurationText {
 }
 
 /// Collects every problem, so one `--check-config` run reports them all.
-#[derive(Default)]
-struct Problems(Vec<String>);
+struct Problems {
+    lines: Vec<String>,
+    /// The fields already reported. One problem per field, the first: a later one is its
+    /// consequence (a value of the wrong type is left out, then found missing).
+    fields: Vec<String>,
+    /// How messages name a key path: as itself for a file, as the flag that set it for the
+    /// CLI shorthand (`None`: as itself).
+    name: fn(&str) -> Option<&'static str>,
+}
+
+impl Default for Problems {
+    fn default() -> Self {
+        Self::naming(|_| None)
+    }
+}
 
 impl Problems {
+    /// Problems whose fields `name` renames (the CLI's flags).
+    fn naming(name: fn(&str) -> Option<&'static str>) -> Self {
+        Self {
+            lines: Vec::new(),
+            fields: Vec::new(),
+            name,
+        }
+    }
+
     fn add(&mut self, field: impl fmt::Display, why: impl fmt::Display) {
-        self.0.push(format!("{field}: {why}"));
+        self.add_at(field, None, why);
+    }
+
+    /// A problem with the line of the file it is on, where known.
+    fn add_at(&mut self, field: impl fmt::Display, line: Option<usize>, why: impl fmt::Display) {
+        let field = field.to_string();
+        let field = (self.name)(&field).map_or(field, str::to_owned);
+        if self.fields.contains(&field) {
+            return;
+        }
+        self.lines.push(match line {
+            Some(n) => format!("{field} (line {n}): {why}"),
+            None => format!("{field}: {why}"),
+        });
+        self.fields.push(field);
     }
 
     fn duration(
@@ -658,8 +802,13 @@ impl Problems {
     }
 
     /// A duration where 0 means off.
-    fn optional(&mut self, field: &str, value: Option<&DurationText>) -> Option<Duration> {
-        Some(self.duration(field, value, Duration::ZERO)).filter(|d| !d.is_zero())
+    fn optional(
+        &mut self,
+        field: &str,
+        value: Option<&DurationText>,
+        default: Duration,
+    ) -> Option<Duration> {
+        Some(self.duration(field, value, default)).filter(|d| !d.is_zero())
     }
 
     fn at_least(&mut self, field: &str, value: Option<u64>, default: u64, min: u64) -> u64 {
@@ -674,7 +823,7 @@ impl Problems {
     }
 
     fn finish<T>(self, value: T) -> Result<T, ConfigError> {
-        let mut lines = self.0;
+        let mut lines = self.lines;
         match lines.len() {
             0 => Ok(value),
             1 => Err(ConfigError(lines.remove(0))),
@@ -687,8 +836,48 @@ impl Problems {
 }
 
 impl RawConfig {
-    fn validate(self) -> Result<Config, ConfigError> {
-        let mut p = Problems::default();
+    /// Reads a document's sections: what does not fit (an unknown section or key, a value of
+    /// the wrong type, a section of the wrong shape) is reported with its key path and line and
+    /// left out, and the rest is read. `text` is the document's source, for line numbers.
+    fn read(doc: &toml_edit::Table, text: &str, p: &mut Problems) -> Self {
+        let mut r = Reader { text, p };
+        let mut raw = Self::default();
+        for (key, item) in doc {
+            let line = r.line(doc.key(key).and_then(toml_edit::Key::span));
+            match key {
+                "server" => raw.server = r.section(item, key, line),
+                "limits" => raw.limits = r.section(item, key, line),
+                "timeouts" => raw.timeouts = r.section(item, key, line),
+                "listener" => raw.listener = r.array(item, key, line),
+                "route" => raw.route = r.array(item, key, line),
+                "upstream" => {
+                    let Some(pools) = item.as_table_like() else {
+                        r.p.add_at(key, line, "must be tables like [upstream.NAME]");
+                        continue;
+                    };
+                    for (name, pool) in pools.iter() {
+                        let line = r.line(pools.get_key_value(name).and_then(|(k, _)| k.span()));
+                        let pool = r.section(pool, &upstream_field(name), line);
+                        raw.upstream.insert(name.to_owned(), pool);
+                    }
+                }
+                _ if item.is_table_like() => r.p.add_at(
+                    toml_key(key),
+                    line,
+                    format!("unknown section, expected one of {SECTIONS}"),
+                ),
+                _ => r.p.add_at(
+                    toml_key(key),
+                    line,
+                    format!("unknown key outside any section; keys belong in {SECTIONS}"),
+                ),
+            }
+        }
+        raw
+    }
+
+    /// Validates everything, adding to the problems `read` found.
+    fn validate(self, mut p: Problems) -> Result<Config, ConfigError> {
         let server = self.server.validate(&mut p);
         let listeners = validate_listeners(&self.listener, server.admin, &mut p);
         let global_limits = self.limits.validate(&mut p);
@@ -722,13 +911,8 @@ impl RawServer {
             n as usize
         });
         let admin = self.admin.as_deref().and_then(|a| {
-            a.parse()
-                .map_err(|_| {
-                    p.add(
-                        "server.admin",
-                        format!("{a:?} must be an ip:port address like \"127.0.0.1:9090\""),
-                    );
-                })
+            bind_address(a, "127.0.0.1:9090")
+                .map_err(|e| p.add("server.admin", e))
                 .ok()
         });
         let log_format = match self.log_format.as_deref() {
@@ -774,12 +958,12 @@ fn validate_listeners(
             p.add(field, "missing; give an ip:port like \"0.0.0.0:8080\"");
             continue;
         };
-        let Ok(addr) = text.parse::<SocketAddr>() else {
-            p.add(
-                field,
-                format!("{text:?} must be an ip:port address like \"0.0.0.0:8080\""),
-            );
-            continue;
+        let addr = match bind_address(text, "0.0.0.0:8080") {
+            Ok(addr) => addr,
+            Err(e) => {
+                p.add(field, e);
+                continue;
+            }
         };
         if let Some(j) = listeners.iter().position(|&other| overlaps(addr, other)) {
             p.add(
@@ -800,6 +984,26 @@ fn validate_listeners(
     listeners
 }
 
+/// An address to bind, `ip:port`. A host name is refused rather than resolved: it may name
+/// several addresses (`localhost` is `127.0.0.1` and `::1`) or change, and a listener binds one
+/// local address, so the file should say which.
+fn bind_address(text: &str, example: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let named_host = text.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(':') && port.parse::<u16>().is_ok()
+    });
+    Err(if named_host {
+        format!(
+            "{text:?}: the host must be an IP address, like {example:?} (names such as \
+             localhost are not resolved: say which address to bind)"
+        )
+    } else {
+        format!("{text:?} must be an ip:port address like {example:?}")
+    })
+}
+
 /// Two listeners that would share a port: with `SO_REUSEPORT` the second bind succeeds
 /// silently and the kernel splits clients between them, so catch it here. Port 0 never
 /// overlaps (each gets its own ephemeral port).
@@ -812,7 +1016,7 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 
 impl RawLimits {
     fn validate(&self, p: &mut Problems) -> GlobalLimits {
-        let default = codec::Limits::DEFAULT_MAX;
+        let default = DEFAULT_MAX_MESSAGE;
         let handshake_timeout = p.positive(
             "limits.handshake_timeout",
             self.handshake_timeout.as_ref(),
@@ -821,7 +1025,7 @@ impl RawLimits {
         let max_bytes = p.at_least(
             "limits.max_header_bytes",
             self.max_header_bytes,
-            HeadLimits::DEFAULT.max_bytes as u64,
+            DEFAULT_MAX_HEADER_BYTES,
             MIN_HEADER_BYTES,
         );
         let max_message = p.at_least("limits.max_message", self.max_message, default, 1);
@@ -842,7 +1046,7 @@ impl RawLimits {
             "limits.write_buffer",
             self.write_buffer,
             DEFAULT_WRITE_BUFFER,
-            1,
+            MIN_WRITE_BUFFER,
         );
         GlobalLimits {
             handshake_timeout,
@@ -867,8 +1071,12 @@ impl RawTimeouts {
                 DEFAULT_CONNECT_TIMEOUT,
             ),
             close: p.positive("timeouts.close", self.close.as_ref(), DEFAULT_CLOSE_TIMEOUT),
-            idle: p.optional("timeouts.idle", self.idle.as_ref()),
-            ping_interval: p.optional("timeouts.ping_interval", self.ping_interval.as_ref()),
+            idle: p.optional("timeouts.idle", self.idle.as_ref(), DEFAULT_IDLE_TIMEOUT),
+            ping_interval: p.optional(
+                "timeouts.ping_interval",
+                self.ping_interval.as_ref(),
+                DEFAULT_PING_INTERVAL,
+            ),
             pong_timeout: p.positive(
                 "timeouts.pong_timeout",
                 self.pong_timeout.as_ref(),
@@ -880,11 +1088,7 @@ impl RawTimeouts {
 
 /// `upstream.NAME` as a TOML key path (quoted when the name is not a bare key).
 fn upstream_field(name: &str) -> String {
-    if is_bare_name(name) {
-        format!("upstream.{name}")
-    } else {
-        format!("upstream.{name:?}")
-    }
+    format!("upstream.{}", toml_key(name))
 }
 
 /// Pool names show up in logs and metric labels, so keep them to TOML's bare-key characters.
@@ -943,6 +1147,7 @@ impl RawUpstream {
         let interval = p.optional(
             &format!("{at}.health_interval"),
             self.health_interval.as_ref(),
+            Duration::ZERO,
         );
         let path = self.health_path.clone().unwrap_or_else(|| "/".to_owned());
         if !path.starts_with('/') || path.contains(char::is_whitespace) {
@@ -1329,18 +1534,24 @@ mod tests {
     #[test]
     fn minimal_config_gets_every_default() {
         let c = Config::from_toml(&with(ECHO_ROUTE)).unwrap();
-        let listen = "127.0.0.1:8080".parse().unwrap();
-        let expected = Config::shorthand(
-            listen,
-            Vec::new(),
-            None,
-            DEFAULT_HANDSHAKE_TIMEOUT,
-            DEFAULT_CONNECT_TIMEOUT,
-            DEFAULT_CLOSE_TIMEOUT,
-            codec::Limits::DEFAULT_MAX,
-            HeadLimits::DEFAULT.max_bytes,
+        assert_eq!(c.server.cores, None);
+        assert_eq!(c.server.admin, None);
+        let l = c.global_limits;
+        assert_eq!(l.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(l.head_limits, HeadLimits::DEFAULT);
+        assert_eq!(l.message, codec::Limits::default());
+        assert_eq!(l.max_connections_per_ip, usize::MAX);
+        assert_eq!(l.write_buffer, 64 << 10);
+        assert_eq!(
+            c.timeouts,
+            Timeouts {
+                connect: DEFAULT_CONNECT_TIMEOUT,
+                close: DEFAULT_CLOSE_TIMEOUT,
+                idle: None,
+                ping_interval: None,
+                pong_timeout: DEFAULT_PONG_TIMEOUT,
+            }
         );
-        assert_eq!(c, expected);
         assert_eq!(c.server.log_format, LogFormat::Text);
         assert_eq!(c.server.drain_timeout, Duration::from_secs(10));
         assert_eq!(c.global_limits.max_connections, 100_000);
@@ -1535,18 +1746,106 @@ mod tests {
     }
 
     #[test]
-    fn toml_errors_keep_line_and_column() {
+    fn toml_errors_name_key_and_line() {
         let e = err(&with("[[route]]\nupstream = \"echo\"\nupsteam = \"x\"\n"));
-        assert!(e.contains("line 5, column 1"), "{e}");
-        assert!(e.contains("unknown field `upsteam`"), "{e}");
-        let e = err(&with("[limits]\nmax_message = \"big\"\n"));
-        assert!(e.contains("line 4, column 15"), "{e}");
+        assert_eq!(
+            e,
+            "route[0].upsteam (line 5): unknown field `upsteam`, expected one of `host`, \
+             `path_prefix`, `upstream`, `origins`, `max_message`, `max_frame`"
+        );
+        let e = err(&with(&format!(
+            "{ECHO_ROUTE}[limits]\nmax_message = \"big\"\n"
+        )));
+        assert_eq!(
+            e,
+            "limits.max_message (line 6): invalid type: string \"big\", expected a \
+             non-negative integer"
+        );
+        // Syntax errors stop the parse; toml's message has the line, column and a snippet.
         let e = err("[[listener]\n");
-        assert!(e.contains("line 1"), "{e}");
-        let e = err(&with("[timeouts]\nconnect = -1\n"));
-        assert!(e.contains("line 4") && e.contains("a duration like"), "{e}");
-        let e = err(&with("[sever]\ncores = 1\n"));
-        assert!(e.contains("unknown field `sever`"), "{e}");
+        assert!(e.contains("line 1, column"), "{e}");
+        let e = err(&with(&format!("{ECHO_ROUTE}[timeouts]\nconnect = -1\n")));
+        assert!(
+            e.starts_with("timeouts.connect (line 6): invalid value: integer `-1`")
+                && e.contains("a duration like"),
+            "{e}"
+        );
+        let e = err(&with(&format!("{ECHO_ROUTE}[sever]\ncores = 1\n")));
+        assert_eq!(
+            e,
+            format!("sever (line 5): unknown section, expected one of {SECTIONS}")
+        );
+        let e = err(&with("[route]\nupstream = \"echo\"\n"));
+        assert_eq!(
+            e,
+            "route (line 3): must be a list of tables: write [[route]], not [route]"
+        );
+    }
+
+    /// Inline tables are the same TOML as sections, and are read (and checked) the same way.
+    #[test]
+    fn inline_tables_read_like_sections() {
+        let c = Config::from_toml(
+            "listener = [{ address = \"127.0.0.1:1\" }]\nroute = [{ upstream = \"echo\" }]\n\
+             limits = { max_message = 10 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners, vec!["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(
+            c.routes[0].limits,
+            codec::Limits::new(10, DEFAULT_MAX_MESSAGE)
+        );
+        let e =
+            err("listener = [{ adress = \"127.0.0.1:1\" }]\nroute = [{ upstream = \"echo\" }]\n");
+        assert_eq!(
+            e,
+            "2 problems:\n  \
+             listener[0].adress (line 1): unknown field `adress`, expected `address`\n  \
+             listener[0].address: missing; give an ip:port like \"0.0.0.0:8080\""
+        );
+    }
+
+    /// Past syntax, one run reports every mistake: unknown keys anywhere, wrong types, bad
+    /// values, each once, with its key path.
+    #[test]
+    fn every_mistake_in_one_run() {
+        let e = err(&with(
+            "cores = 2\n\
+             [server]\ncores = \"two\"\nadmn = \"127.0.0.1:9\"\n\
+             [limits]\nmax_conections = 5\nwrite_buffer = 0\n\
+             [[route]]\nupstream = 5\norigin = [\"https://a.com\"]\n\
+             [upstream.a]\nbackends = [\"ws://127.0.0.1:1\"]\nhealth = \"1s\"\n\
+             [upstream.b]\nbackend = [\"ws://127.0.0.1:1\"]\n",
+        ));
+        let top = err(&format!("cores = 2\n{}", with(ECHO_ROUTE)));
+        assert_eq!(
+            top,
+            format!("cores (line 1): unknown key outside any section; keys belong in {SECTIONS}")
+        );
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines[0], "10 problems:", "{e}");
+        let expected = [
+            // `with` starts with a [[listener]], so this key lands in it.
+            "listener[0].cores (line 3): unknown field `cores`, expected `address`",
+            "server.cores (line 5): invalid type: string \"two\", expected a non-negative",
+            "server.admn (line 6): unknown field `admn`, expected one of `cores`, `admin`",
+            "limits.max_conections (line 8): unknown field `max_conections`",
+            "route[0].upstream (line 11): invalid type: integer `5`, expected a string",
+            "route[0].origin (line 12): unknown field `origin`",
+            "upstream.a.health (line 15): unknown field `health`",
+            "upstream.b.backend (line 17): unknown field `backend`",
+            "limits.write_buffer: 0 must be at least 128",
+        ];
+        for want in expected {
+            assert!(
+                lines.iter().any(|l| l.trim_start().starts_with(want)),
+                "no line starting {want:?} in:\n{e}"
+            );
+        }
+        // The wrong-typed upstream is reported once, not again as missing; [upstream.b] lost
+        // its only key, so its backends are empty.
+        assert!(!e.contains("route[0].upstream: missing"), "{e}");
+        assert!(e.contains("upstream.b.backends: empty"), "{e}");
     }
 
     #[test]
@@ -1668,35 +1967,5 @@ origins = ["https://a.com", "http://b.com:8080"]
                 .unwrap_err()
                 .contains("lowercase")
         );
-    }
-
-    #[test]
-    fn shorthand_routes_to_echo_or_one_pool() {
-        let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let s = Duration::from_secs;
-        let echo = Config::shorthand(listen, Vec::new(), Some(1), s(1), s(2), s(3), 1000, 4096);
-        assert_eq!(echo.listeners, vec![listen]);
-        assert_eq!(echo.server.cores, Some(1));
-        assert!(echo.pools.is_empty());
-        assert_eq!(echo.routes.len(), 1);
-        let r = echo.route("anything:1", "/any/path?x").unwrap();
-        assert_eq!(r.upstream, Upstream::Echo);
-        assert_eq!(r.limits, codec::Limits::new(1000, 1000));
-        assert_eq!(echo.global_limits.handshake_timeout, s(1));
-        assert_eq!(echo.global_limits.head_limits.max_bytes, 4096);
-        assert_eq!((echo.timeouts.connect, echo.timeouts.close), (s(2), s(3)));
-
-        let backends: Vec<BackendUrl> = vec![
-            "ws://127.0.0.1:9001".parse().unwrap(),
-            "ws://127.0.0.1:9002/p".parse().unwrap(),
-        ];
-        let pool = Config::shorthand(listen, backends.clone(), None, s(1), s(2), s(3), 1000, 4096);
-        let r = pool.route("h", "/").unwrap();
-        assert_eq!(r.upstream, Upstream::Pool(0));
-        assert_eq!(pool.pools[0].backends, backends);
-        assert_eq!(pool.pools[0].balance, Balance::RoundRobin);
-        assert_eq!(pool.pools[0].health, None);
-        assert_eq!(r.limits, codec::Limits::new(1000, 1000));
-        assert_eq!(pool.timeouts.close, s(3));
     }
 }

@@ -28,8 +28,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use clap::Parser;
-
 use crate::cli::Args;
 use crate::config::{Config, LogFormat};
 use crate::reload::Shared;
@@ -41,7 +39,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const BACKLOG: i32 = 4096;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::parse_checked();
     if let Some(path) = &args.check_config {
         return match Config::load(path) {
             Ok(config) => {
@@ -60,15 +58,16 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match &args.config {
-        Some(path) => match Config::load(path) {
-            Ok(config) => config,
-            Err(e) => {
-                eprintln!("gateway: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => args.shorthand_config(),
+    let loaded = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        None => args.shorthand_config().map_err(|e| e.to_string()),
+    };
+    let config = match loaded.and_then(|config| check_cores(&args, config)) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
     };
     let _flush_logs = init_logs(config.server.log_format);
     match run(&args, config) {
@@ -77,6 +76,24 @@ fn main() -> ExitCode {
             eprintln!("gateway: {message}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Refuses more workers than this process may run on, naming the setting. Checked at startup
+/// rather than by the validator, so that `--check-config` can vet a file for another machine.
+fn check_cores(args: &Args, config: Config) -> Result<Config, String> {
+    let available = core_affinity::get_core_ids().map_or(1, |ids| ids.len().max(1));
+    match config.server.cores {
+        Some(n) if n > available => {
+            let field = match &args.config {
+                Some(path) => format!("{}: server.cores", path.display()),
+                None => "--cores".to_owned(),
+            };
+            Err(format!(
+                "{field}: {n} must be at most {available}, the cores this machine has available"
+            ))
+        }
+        _ => Ok(config),
     }
 }
 

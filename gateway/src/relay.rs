@@ -30,8 +30,6 @@ use crate::uring::Stream;
 /// this much room beyond what is buffered, so a control frame the forwarder waits to have
 /// whole (at most 131 bytes) always arrives within a read or two.
 pub(crate) const MIN_READ: usize = 128;
-/// The default bound on bytes buffered per direction (read buffer, held-back frame).
-pub(crate) const DEFAULT_BUFFER: usize = 64 * 1024;
 
 /// Per-connection settings of the relay and the echo.
 #[derive(Clone, Copy, Debug)]

@@ -1128,3 +1128,49 @@ impl Drop for StatusBackend {
 }
 
 pub mod config;
+
+// ---------------------------------------------------------------------------------------------
+// A gateway run expected to exit on its own.
+// ---------------------------------------------------------------------------------------------
+
+/// How a gateway run that was expected to exit ended.
+pub struct Exit {
+    /// The exit code; `None` if a signal ended it, or if it was still running after [`STEP`]
+    /// and was killed.
+    pub code: Option<i32>,
+    /// Everything it printed to stdout.
+    pub stdout: String,
+    /// Everything it printed to stderr.
+    pub stderr: String,
+}
+
+/// Runs the gateway binary with `args` to its exit (killed after [`STEP`], which a refusal
+/// must not take).
+#[must_use]
+pub fn run_to_exit(args: &[&str]) -> Exit {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the gateway binary");
+    let deadline = Instant::now() + STEP;
+    let mut exited = false;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("try_wait").is_some() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("collect output");
+    Exit {
+        code: if exited { out.status.code() } else { None },
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
