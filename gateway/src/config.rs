@@ -168,6 +168,8 @@ pub(crate) struct Server {
     pub(crate) cores: Option<usize>,
     /// The admin listener (`/metrics`, `/healthz`, `POST /reload`), off unless configured.
     pub(crate) admin: Option<SocketAddr>,
+    /// When set, every admin endpoint but `/healthz` requires `Authorization: Bearer` it.
+    pub(crate) admin_token: Option<crate::admin::AdminToken>,
     pub(crate) log_format: LogFormat,
     /// After SIGTERM/SIGINT, how long open connections get to finish their close handshakes.
     pub(crate) drain_timeout: Duration,
@@ -498,6 +500,7 @@ struct RawConfig {
 struct RawServer {
     cores: Option<u64>,
     admin: Option<String>,
+    admin_token: Option<String>,
     log_format: Option<String>,
     drain_timeout: Option<DurationText>,
 }
@@ -915,6 +918,12 @@ impl RawServer {
                 .map_err(|e| p.add("server.admin", e))
                 .ok()
         });
+        // The value is a secret: the message never repeats it.
+        let admin_token = self.admin_token.as_deref().and_then(|t| {
+            crate::admin::AdminToken::new(t)
+                .map_err(|why| p.add("server.admin_token", why))
+                .ok()
+        });
         let log_format = match self.log_format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -934,6 +943,7 @@ impl RawServer {
         Server {
             cores,
             admin,
+            admin_token,
             log_format,
             drain_timeout,
         }
@@ -1456,6 +1466,7 @@ mod tests {
             Server {
                 cores: Some(2),
                 admin: Some("127.0.0.1:9090".parse().unwrap()),
+                admin_token: None,
                 log_format: LogFormat::Text,
                 drain_timeout: Duration::from_secs(10),
             }

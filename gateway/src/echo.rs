@@ -30,20 +30,25 @@ pub(crate) async fn serve(
     metrics: &Arc<CoreMetrics>,
 ) -> Outcome {
     let leg = Leg::new(stream, Side::Client, Arc::clone(metrics));
+    // The gateway's own close, if it sent one first: its code, and when (the start of the
+    // close handshake).
     let gateway_closed = Cell::new(None);
     let echo = echo(&leg, input, &settings, &gateway_closed, metrics);
     tokio::pin!(echo);
     let mut outcome = tokio::select! {
-        outcome = &mut echo => outcome,
+        // The watchdog first: a close it sent is counted when its write completes, which must
+        // not be lost when the client's answer, completing the same poll, ends the echo.
+        biased;
         () = watchdog(&leg, &settings, drain, &gateway_closed) => {
             leg.stream.shutdown(Shutdown::Both);
             let mut outcome = echo.await;
             outcome.timed_out = true;
             outcome
         }
+        outcome = &mut echo => outcome,
     };
     leg.stream.shutdown(Shutdown::Both);
-    if let Some(code) = gateway_closed.get() {
+    if let Some((code, _)) = gateway_closed.get() {
         outcome.close_code = Some(code);
         outcome.closed_by = Some("gateway");
     }
@@ -51,7 +56,12 @@ pub(crate) async fn serve(
 }
 
 /// Keepalive and drain while the client is active, then the close timeout.
-async fn watchdog(leg: &Leg, settings: &Settings, drain: &Drain, closed: &Cell<Option<CloseCode>>) {
+async fn watchdog(
+    leg: &Leg,
+    settings: &Settings,
+    drain: &Drain,
+    closed: &Cell<Option<(CloseCode, Instant)>>,
+) {
     let close = loop {
         tokio::select! {
             code = drain.wait() => break ControlPayload::close(code, Drain::reason(code)),
@@ -69,7 +79,7 @@ async fn watchdog(leg: &Leg, settings: &Settings, drain: &Drain, closed: &Cell<O
         }
     };
     if !leg.close_sent.get() {
-        closed.set(close.close_code());
+        closed.set(close.close_code().map(|code| (code, Instant::now())));
         leg.send_close(&close).await;
     }
     tokio::time::sleep(settings.close_timeout).await;
@@ -80,7 +90,7 @@ async fn echo(
     leg: &Leg,
     mut input: Vec<u8>,
     settings: &Settings,
-    closed: &Cell<Option<CloseCode>>,
+    closed: &Cell<Option<(CloseCode, Instant)>>,
     metrics: &CoreMetrics,
 ) -> Outcome {
     let mut fwd = Forwarder::new(Role::Server, settings.limits, false, Mode::Echo);
@@ -89,6 +99,8 @@ async fn echo(
     let limit = settings.buffer;
     let mut read_size = MIN_READ.min(limit);
     let mut outcome = Outcome::default();
+    // When the client's close arrived.
+    let mut client_close_at = None;
     let reply = loop {
         let step = fwd.process(&mut input);
         if fwd.frames != frames || fwd.payload_bytes != bytes {
@@ -117,6 +129,7 @@ async fn echo(
                 );
                 outcome.close_code = code;
                 outcome.closed_by = Some("client");
+                client_close_at = Some(Instant::now());
                 // Echo the client's close payload back: the usual reply.
                 break Some(payload);
             }
@@ -145,10 +158,17 @@ async fn echo(
     }
     if let Some(payload) = reply {
         let client_closed = outcome.closed_by == Some("client");
-        if client_closed && closed.get().is_some() {
-            // The client answered the gateway's own close: the handshake is complete.
-        } else {
-            leg.send_close(&payload).await;
+        match (client_close_at, closed.get()) {
+            (Some(answered), Some((_, since))) => {
+                // The client answered the gateway's own close: the handshake is complete.
+                metrics.close_handshake(answered.saturating_duration_since(since));
+            }
+            (Some(since), None) => {
+                // The echoed close completes the client's handshake.
+                leg.send_close(&payload).await;
+                metrics.close_handshake(since.elapsed());
+            }
+            (None, _) => leg.send_close(&payload).await,
         }
         if !client_closed {
             // We failed the connection: FIN after our close, then give the client a bounded

@@ -21,6 +21,7 @@ use codec::handshake::{ClientHandshake, HeadLimits, ServerResponse};
 
 use crate::balance::PoolState;
 use crate::config::{BackendUrl, HealthCheck, Pool};
+use crate::metrics::BackendStats;
 
 /// The longest the thread sleeps before looking at `stop` again.
 const STOP_POLL: Duration = Duration::from_millis(50);
@@ -35,10 +36,21 @@ const MAX_PARALLEL: usize = 16;
 /// How long a passed probe waits for the backend's answering close before hanging up.
 const CLOSE_LINGER: Duration = Duration::from_millis(100);
 
+/// A pool to probe, with the state the verdicts go to.
+pub(crate) struct Probed {
+    /// Where verdicts take backends out of rotation and back.
+    pub(crate) state: Arc<PoolState>,
+    /// The pool as configured (its `health` says whether and how to probe).
+    pub(crate) pool: Pool,
+    /// One per backend, in `pool.backends` order: counts the failed probes.
+    pub(crate) stats: Vec<Arc<BackendStats>>,
+}
+
 /// One pool with a health check, and what the thread remembers about it.
 struct Checked {
     state: Arc<PoolState>,
     pool: Pool,
+    stats: Vec<Arc<BackendStats>>,
     /// When the next round of probes starts.
     due: Instant,
     /// The last verdict per backend, to log only transitions.
@@ -50,18 +62,16 @@ struct Checked {
 ///
 /// The thread returns within about a probe timeout after `stop` is set: a probe in flight is
 /// bounded by its pool's `health.timeout`, and sleeps are cut into short steps.
-pub(crate) fn spawn(
-    pools: Vec<(Arc<PoolState>, Pool)>,
-    stop: Arc<AtomicBool>,
-) -> Option<JoinHandle<()>> {
+pub(crate) fn spawn(pools: Vec<Probed>, stop: Arc<AtomicBool>) -> Option<JoinHandle<()>> {
     let now = Instant::now();
     let checked: Vec<Checked> = pools
         .into_iter()
-        .filter(|(_, pool)| pool.health.is_some())
-        .map(|(state, pool)| Checked {
+        .filter(|probed| probed.pool.health.is_some())
+        .map(|Probed { state, pool, stats }| Checked {
             healthy: vec![true; pool.backends.len()],
             state,
             pool,
+            stats,
             due: now,
         })
         .collect();
@@ -137,10 +147,14 @@ fn probe_pool(checked: &mut Checked, stop: &AtomicBool) {
     }
 }
 
-/// Records one verdict and logs it if it changed the backend's standing.
+/// Records one verdict (and counts a failure) and logs it if it changed the backend's
+/// standing.
 fn apply(checked: &mut Checked, index: usize, verdict: Result<(), String>) {
     let healthy = verdict.is_ok();
     checked.state.set_probe_result(index, healthy);
+    if !healthy && let Some(stats) = checked.stats.get(index) {
+        stats.probe_failure();
+    }
     if std::mem::replace(&mut checked.healthy[index], healthy) == healthy {
         return;
     }
@@ -406,7 +420,11 @@ mod tests {
     #[test]
     fn no_health_check_means_no_thread() {
         let url: BackendUrl = "ws://127.0.0.1:9".parse().unwrap();
-        let pools = vec![(PoolState::new(1), pool(vec![url], None))];
+        let pools = vec![Probed {
+            state: PoolState::new(1),
+            pool: pool(vec![url], None),
+            stats: vec![Arc::default()],
+        }];
         assert!(spawn(pools, Arc::new(AtomicBool::new(false))).is_none());
         assert!(spawn(Vec::new(), Arc::new(AtomicBool::new(false))).is_none());
     }
@@ -416,10 +434,12 @@ mod tests {
         let good = FakeBackend::start(101);
         let flaky = FakeBackend::start(101);
         let state = PoolState::new(2);
-        let pools = vec![(
-            Arc::clone(&state),
-            pool(vec![good.url.clone(), flaky.url.clone()], Some(check(500))),
-        )];
+        let counters: Vec<Arc<BackendStats>> = vec![Arc::default(), Arc::default()];
+        let pools = vec![Probed {
+            state: Arc::clone(&state),
+            pool: pool(vec![good.url.clone(), flaky.url.clone()], Some(check(500))),
+            stats: counters.clone(),
+        }];
         let stop = Arc::new(AtomicBool::new(false));
         let thread = spawn(pools, Arc::clone(&stop)).expect("a thread");
         let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
@@ -439,6 +459,9 @@ mod tests {
         assert!(state.is_available(0));
         flaky.status.store(101, Relaxed);
         wait_for("the backend to come back", &|| state.is_available(1));
+        // Each failed probe is counted against its backend, and only there.
+        assert!(counters[1].row("p", "b").probe_failures >= 1);
+        assert_eq!(counters[0].row("p", "b").probe_failures, 0);
 
         stop.store(true, Relaxed);
         let stopping = Instant::now();

@@ -30,7 +30,7 @@ use std::sync::atomic::Ordering;
 
 use crate::cli::Args;
 use crate::config::{Config, LogFormat};
-use crate::reload::Shared;
+use crate::reload::{Shared, Trigger};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -193,10 +193,8 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
                 .map_err(|e| format!("cannot start worker thread: {e}"))
         })
         .collect::<Result<_, _>>()?;
-    let code = signals.wait(&|| match shared.reload() {
-        Ok(_) => {}
-        Err(e) => tracing::error!(error = e, "reload failed; the running configuration stays"),
-    });
+    // `reload` logs its outcome itself, one line whichever way it was asked for.
+    let code = signals.wait(&|| drop(shared.reload(Trigger::Signal)));
     shared.draining.store(true, Ordering::Relaxed);
     tracing::info!(close_code = code.get(), drain_timeout = ?drain_timeout, "draining");
     // Workers exit once their connections are closed or the drain timeout passes.
@@ -242,8 +240,10 @@ fn start_admin(addr: std::net::SocketAddr, shared: &Arc<Shared>) -> Result<(), S
         backends: Arc::new(move |row: &mut dyn FnMut(metrics::BackendRow<'_>)| {
             rows.backend_rows(row);
         }),
-        reload: Arc::new(move || reload.reload()),
+        reload: Arc::new(move || reload.reload(Trigger::Admin)),
         draining: Arc::clone(&shared.draining),
+        // [server] is fixed at start (a reload keeps it), so the token is too.
+        token: shared.current().config.server.admin_token.clone(),
     };
     admin::spawn(listener, state).map_err(|e| format!("cannot start the admin thread: {e}"))?;
     Ok(())

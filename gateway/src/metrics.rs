@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use codec::CloseCode;
+
 use crate::lifecycle::Side;
 
 /// Accepted client connections not yet closed, per core (gauge).
@@ -37,6 +39,8 @@ pub(crate) const CLOSE_HANDSHAKE: &str = "wsgate_close_handshake_duration_second
 pub(crate) const BACKEND_CONNECT_FAILURES: &str = "wsgate_backend_connect_failures_total";
 /// Whether a backend is considered healthy (gauge, 0 or 1).
 pub(crate) const BACKEND_HEALTHY: &str = "wsgate_backend_healthy";
+/// Failed active health probes of a backend (counter).
+pub(crate) const BACKEND_PROBE_FAILURES: &str = "wsgate_backend_probe_failures_total";
 
 /// Upgrade statuses with their own series: what the gateway answers itself (101, 400, 405,
 /// 426, 431, 502) and what a refusing backend commonly passes through. The rest is "other".
@@ -47,14 +51,35 @@ const STATUSES: [u16; 14] = [
 const OTHER_STATUS: usize = STATUSES.len();
 
 /// Close codes with their own series: the registered range 1000..=1015 (RFC 6455 section
-/// 7.4.1 and the IANA registry), indexed by `code - 1000`. Application codes are "other".
+/// 7.4.1 and the IANA registry), indexed by `code - 1000`, less the codes that never go on the
+/// wire (1004, 1005, 1006, 1015: see [`CloseCode::is_sendable`]), whose buckets stay empty
+/// and unrendered. Application codes are "other".
 const FIRST_CODE: u16 = 1000;
 /// Number of registered close codes.
 const CODES: usize = 16;
 /// Index of the "other" close-code bucket.
 const OTHER_CODE: usize = CODES;
-/// What an empty close payload is reported as (RFC 6455 section 7.1.5: "no status received").
-const NO_STATUS: u16 = 1005;
+/// Index of the bucket for close frames with an empty payload (no code at all), rendered as
+/// `code="none"` rather than as 1005, which a receiver reports locally but is never sent.
+const NO_CODE: usize = CODES + 1;
+
+/// The bucket a close frame's code counts in.
+fn code_bucket(code: Option<u16>) -> usize {
+    let Some(code) = code else {
+        return NO_CODE;
+    };
+    match code.checked_sub(FIRST_CODE).map(usize::from) {
+        Some(i) if i < CODES && on_the_wire(i) => i,
+        // A local-only code cannot have come off the wire (the codec refuses it): count it
+        // as "other" rather than in a series that must stay empty.
+        _ => OTHER_CODE,
+    }
+}
+
+/// Whether registered code `FIRST_CODE + i` may appear in a close frame.
+fn on_the_wire(i: usize) -> bool {
+    u16::try_from(i).is_ok_and(|i| CloseCode::new(FIRST_CODE + i).is_sendable())
+}
 
 /// Histogram upper bounds (inclusive, as Prometheus' `le`) in nanoseconds, with their labels.
 const BUCKETS: [(u64, &str); 14] = [
@@ -147,8 +172,8 @@ pub(crate) struct CoreMetrics {
     /// Indexed by `Direction as usize`.
     frames: [AtomicU64; 2],
     bytes: [AtomicU64; 2],
-    /// Indexed by [`close_row`], then by code bucket.
-    close_codes: [[AtomicU64; CODES + 1]; 4],
+    /// Indexed by [`close_row`], then by [`code_bucket`].
+    close_codes: [[AtomicU64; CODES + 2]; 4],
     /// Non-cumulative counts per bucket; the last is `+Inf`.
     handshake_buckets: [AtomicU64; BUCKETS.len() + 1],
     /// Microseconds: finer than the smallest bucket, and a u64 of them never overflows.
@@ -195,17 +220,13 @@ impl CoreMetrics {
         self.bytes[dir as usize].fetch_add(bytes, Relaxed);
     }
 
-    /// A close frame was received from or sent to `side`; `None` is an empty payload
-    /// (counted as 1005, "no status received").
+    /// A close frame was received from or sent to `side`; `None` is an empty payload.
     pub(crate) fn close_frame(&self, side: Side, dir: CloseDirection, code: Option<u16>) {
-        let code = code.unwrap_or(NO_STATUS);
-        let i = code
-            .checked_sub(FIRST_CODE)
-            .map_or(OTHER_CODE, |i| (i as usize).min(OTHER_CODE));
-        self.close_codes[close_row(side, dir)][i].fetch_add(1, Relaxed);
+        self.close_codes[close_row(side, dir)][code_bucket(code)].fetch_add(1, Relaxed);
     }
 
-    /// A close handshake took `d`, from the first close frame to the last.
+    /// A close handshake took `d`, from the first close frame to the last (proxied and echo
+    /// connections alike).
     pub(crate) fn close_handshake(&self, d: Duration) {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let i = BUCKETS
@@ -224,6 +245,7 @@ impl CoreMetrics {
 pub(crate) struct BackendStats {
     healthy: AtomicBool,
     connect_failures: AtomicU64,
+    probe_failures: AtomicU64,
 }
 
 impl Default for BackendStats {
@@ -232,6 +254,7 @@ impl Default for BackendStats {
         Self {
             healthy: AtomicBool::new(true),
             connect_failures: AtomicU64::new(0),
+            probe_failures: AtomicU64::new(0),
         }
     }
 }
@@ -240,6 +263,11 @@ impl BackendStats {
     /// A connect to this backend failed (refused, unreachable or timed out).
     pub(crate) fn connect_failure(&self) {
         self.connect_failures.fetch_add(1, Relaxed);
+    }
+
+    /// An active health probe of this backend failed.
+    pub(crate) fn probe_failure(&self) {
+        self.probe_failures.fetch_add(1, Relaxed);
     }
 
     /// Records the latest health verdict.
@@ -259,6 +287,7 @@ impl BackendStats {
             backend,
             healthy: self.healthy(),
             connect_failures: self.connect_failures.load(Relaxed),
+            probe_failures: self.probe_failures.load(Relaxed),
         }
     }
 }
@@ -274,6 +303,8 @@ pub(crate) struct BackendRow<'a> {
     pub(crate) healthy: bool,
     /// Failed connects so far (a counter: keep it across reloads for a backend that stays).
     pub(crate) connect_failures: u64,
+    /// Failed health probes so far (kept across reloads likewise).
+    pub(crate) probe_failures: u64,
 }
 
 /// Lists the current backends: calls its argument once per backend. Supplied by the gateway,
@@ -375,29 +406,33 @@ impl Metrics {
     }
 
     /// Every (side, direction, code) series, zeros included: a series that appears only at
-    /// its first increment hides that increment from `rate()` and `increase()`.
+    /// its first increment hides that increment from `rate()` and `increase()`. Codes that
+    /// never go on the wire get no series.
     fn render_close_frames(&self, out: &mut String) {
         header(
             out,
             CLOSE_FRAMES,
             "counter",
             "Close frames received from or sent to each peer, by close code \
-             (1005: empty payload).",
+             (none: empty payload).",
         );
         for side in SIDES {
             for dir in CloseDirection::ALL {
                 let row = close_row(side, dir);
                 let (side, dir) = (side.as_str(), dir.as_str());
-                for i in 0..=OTHER_CODE {
+                for i in (0..CODES)
+                    .filter(|&i| on_the_wire(i))
+                    .chain([OTHER_CODE, NO_CODE])
+                {
                     let n = self.sum(|c| &c.close_codes[row][i]);
                     _ = write!(
                         out,
                         "{CLOSE_FRAMES}{{side=\"{side}\",direction=\"{dir}\",code=\""
                     );
-                    if i == OTHER_CODE {
-                        out.push_str("other");
-                    } else {
-                        _ = write!(out, "{}", FIRST_CODE as usize + i);
+                    match i {
+                        OTHER_CODE => out.push_str("other"),
+                        NO_CODE => out.push_str("none"),
+                        _ => _ = write!(out, "{}", FIRST_CODE as usize + i),
                     }
                     _ = writeln!(out, "\"}} {n}");
                 }
@@ -430,15 +465,18 @@ impl Metrics {
 }
 
 /// The backend families. Rows are collected first: each family's samples must be contiguous.
+///
+/// The probe-failure counter names the pool `upstream`, as the configuration does; the two
+/// older families keep `pool` so that existing dashboards and alerts still match.
 fn render_backends(out: &mut String, backends: &BackendRows<'_>) {
     let mut rows = Vec::new();
     backends(&mut |row| {
-        let mut labels = String::from("pool=\"");
-        escape_label(&mut labels, row.pool);
-        labels.push_str("\",backend=\"");
-        escape_label(&mut labels, row.backend);
-        labels.push('"');
-        rows.push((labels, row.healthy, row.connect_failures));
+        let mut pool = String::new();
+        escape_label(&mut pool, row.pool);
+        let mut backend = String::new();
+        escape_label(&mut backend, row.backend);
+        let counts = (row.healthy, row.connect_failures, row.probe_failures);
+        rows.push((pool, backend, counts));
     });
     header(
         out,
@@ -446,8 +484,11 @@ fn render_backends(out: &mut String, backends: &BackendRows<'_>) {
         "counter",
         "Failed connects to a backend (refused, unreachable or timed out).",
     );
-    for (labels, _, failures) in &rows {
-        _ = writeln!(out, "{BACKEND_CONNECT_FAILURES}{{{labels}}} {failures}");
+    for (pool, backend, (_, n, _)) in &rows {
+        _ = writeln!(
+            out,
+            "{BACKEND_CONNECT_FAILURES}{{pool=\"{pool}\",backend=\"{backend}\"}} {n}"
+        );
     }
     header(
         out,
@@ -455,8 +496,24 @@ fn render_backends(out: &mut String, backends: &BackendRows<'_>) {
         "gauge",
         "Whether a backend is considered healthy (1) or not (0).",
     );
-    for (labels, healthy, _) in &rows {
-        _ = writeln!(out, "{BACKEND_HEALTHY}{{{labels}}} {}", u8::from(*healthy));
+    for (pool, backend, (healthy, _, _)) in &rows {
+        let n = u8::from(*healthy);
+        _ = writeln!(
+            out,
+            "{BACKEND_HEALTHY}{{pool=\"{pool}\",backend=\"{backend}\"}} {n}"
+        );
+    }
+    header(
+        out,
+        BACKEND_PROBE_FAILURES,
+        "counter",
+        "Active health probes of a backend that failed (no valid 101 in time).",
+    );
+    for (pool, backend, (_, _, n)) in &rows {
+        _ = writeln!(
+            out,
+            "{BACKEND_PROBE_FAILURES}{{upstream=\"{pool}\",backend=\"{backend}\"}} {n}"
+        );
     }
 }
 
@@ -566,15 +623,24 @@ mod tests {
             r#"wsgate_close_frames_total{side="client",direction="received",code="1000"} 2"#,
             r#"wsgate_close_frames_total{side="client",direction="sent",code="1000"} 0"#,
             r#"wsgate_close_frames_total{side="backend",direction="sent",code="1001"} 1"#,
-            r#"wsgate_close_frames_total{side="backend",direction="received",code="1005"} 1"#,
-            r#"wsgate_close_frames_total{side="backend",direction="received",code="1015"} 1"#,
+            r#"wsgate_close_frames_total{side="backend",direction="received",code="none"} 1"#,
+            r#"wsgate_close_frames_total{side="backend",direction="received",code="other"} 1"#,
             r#"wsgate_close_frames_total{side="client",direction="sent",code="other"} 3"#,
             r#"wsgate_close_frames_total{side="backend",direction="sent",code="other"} 0"#,
+            r#"wsgate_close_frames_total{side="client",direction="sent",code="none"} 0"#,
+            r#"wsgate_close_frames_total{side="client",direction="sent",code="1014"} 0"#,
         ] {
             has_line(&text, line);
         }
-        // 2 sides x 2 directions x (16 codes + other).
-        assert_eq!(text.matches("wsgate_close_frames_total{").count(), 68);
+        // Codes that never go on the wire get no series.
+        for code in [1004, 1005, 1006, 1015] {
+            assert!(
+                !text.contains(&format!("code=\"{code}\"")),
+                "{code}:\n{text}"
+            );
+        }
+        // 2 sides x 2 directions x (12 codes + other + none).
+        assert_eq!(text.matches("wsgate_close_frames_total{").count(), 56);
     }
 
     #[test]
@@ -614,6 +680,7 @@ mod tests {
         let stats = BackendStats::default();
         stats.connect_failure();
         stats.connect_failure();
+        stats.probe_failure();
         let down = BackendStats::default();
         down.set_healthy(false);
         let rows = |emit: &mut dyn FnMut(BackendRow<'_>)| {
@@ -629,6 +696,9 @@ mod tests {
             "# TYPE wsgate_backend_healthy gauge",
             r#"wsgate_backend_healthy{pool="chat",backend="ws://10.0.0.1:9001/chat"} 1"#,
             r#"wsgate_backend_healthy{pool="we\"ird\\pool\nx",backend="ws://b"} 0"#,
+            "# TYPE wsgate_backend_probe_failures_total counter",
+            r#"wsgate_backend_probe_failures_total{upstream="chat",backend="ws://10.0.0.1:9001/chat"} 1"#,
+            r#"wsgate_backend_probe_failures_total{upstream="we\"ird\\pool\nx",backend="ws://b"} 0"#,
         ] {
             has_line(&text, line);
         }

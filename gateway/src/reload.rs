@@ -3,6 +3,7 @@
 //! never touches them.
 #![forbid(unsafe_code)]
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -23,6 +24,60 @@ pub(crate) struct PoolRuntime {
 pub(crate) struct Generation {
     pub(crate) config: Config,
     pub(crate) pools: Vec<PoolRuntime>,
+}
+
+/// Who asked for a reload (the `via` field of its log line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    /// The process got SIGHUP.
+    Signal,
+    /// `POST /reload` on the admin listener.
+    Admin,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Signal => "sighup",
+            Self::Admin => "admin",
+        })
+    }
+}
+
+/// Why a reload did not happen; the running configuration stays in every case. The text
+/// is for the operator (several lines when a file has several problems).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ReloadError {
+    /// The gateway runs from the CLI shorthand: there is no file to re-read.
+    NoFile,
+    /// The file could not be read (missing, unreadable).
+    Unreadable(String),
+    /// The file was read but does not parse or validate: every problem, named.
+    Invalid(String),
+}
+
+impl ReloadError {
+    /// The message on one line, for a log field: problems joined with "; ".
+    pub(crate) fn one_line(&self) -> String {
+        let text = self.to_string();
+        let mut out = String::with_capacity(text.len());
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if !out.is_empty() {
+                out.push_str(if out.ends_with(':') { " " } else { "; " });
+            }
+            out.push_str(line);
+        }
+        out
+    }
+}
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoFile => f.write_str("no --config file to reload (the CLI shorthand is fixed)"),
+            Self::Unreadable(why) | Self::Invalid(why) => f.write_str(why),
+        }
+    }
 }
 
 /// Process-wide state shared by the cores, the admin plane and the signal thread.
@@ -60,16 +115,36 @@ impl Shared {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Re-reads the configuration file and swaps it in for new connections.
-    pub(crate) fn reload(&self) -> Result<String, String> {
+    /// Re-reads the configuration file and swaps it in for new connections. Logs one line
+    /// whatever the outcome, naming `via`; callers only relay the result.
+    pub(crate) fn reload(&self, via: Trigger) -> Result<String, ReloadError> {
+        let result = self.try_reload();
+        match &result {
+            Ok(message) => tracing::info!(%via, "{message}"),
+            Err(e) => tracing::warn!(
+                %via,
+                why = %e.one_line(),
+                "reload failed; the running configuration stays"
+            ),
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<String, ReloadError> {
         let _one_at_a_time = self
             .reload_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let Some(path) = &self.path else {
-            return Err("no --config file to reload (the CLI shorthand is fixed)".to_owned());
+            return Err(ReloadError::NoFile);
         };
-        let config = Config::load(path).map_err(|e| e.to_string())?;
+        // Read apart from validating: an unreadable file is the host's problem, a file that
+        // does not validate is the operator's (422 on the admin plane).
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ReloadError::Unreadable(format!("{}: cannot read: {e}", path.display()))
+        })?;
+        let config = Config::from_toml(&text)
+            .map_err(|e| ReloadError::Invalid(format!("{}: {e}", path.display())))?;
         let old = self.current();
         let mut notes = Vec::new();
         if config.listeners != old.config.listeners {
@@ -85,16 +160,14 @@ impl Shared {
         let generation = Arc::new(build(config, Some(&old)));
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&generation);
         self.restart_health(&generation);
-        let message = format!(
+        Ok(format!(
             "reloaded {}: {} routes, {} upstreams{}{}",
             path.display(),
             generation.config.routes.len(),
             generation.config.pools.len(),
             if notes.is_empty() { "" } else { "; " },
             notes.join("; ")
-        );
-        tracing::info!("{message}");
-        Ok(message)
+        ))
     }
 
     fn restart_health(&self, generation: &Generation) {
@@ -109,7 +182,11 @@ impl Shared {
             .pools
             .iter()
             .zip(&generation.pools)
-            .map(|(pool, runtime)| (Arc::clone(&runtime.state), pool.clone()))
+            .map(|(pool, runtime)| crate::health::Probed {
+                state: Arc::clone(&runtime.state),
+                pool: pool.clone(),
+                stats: runtime.stats.clone(),
+            })
             .collect();
         if let Some(handle) = crate::health::spawn(pools, Arc::clone(&stop)) {
             *health = Some((stop, handle));

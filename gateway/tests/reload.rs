@@ -1,7 +1,9 @@
 //! Configuration reload under live traffic, by SIGHUP and by `POST /reload`: new connections
 //! follow the new routes at once, established connections keep talking to the backend they
 //! started with (no close, no error), and a file that does not validate leaves the running
-//! configuration in place.
+//! configuration in place (422 on the admin plane). Every reload logs exactly one line, in
+//! Display text, naming how it was asked for. `POST /reload` refuses browsers (`Origin`),
+//! foreign `Host` names, and, with `admin_token` set, requests without the bearer token.
 
 pub mod common;
 
@@ -15,7 +17,8 @@ use common::config::{
     wait_until,
 };
 use common::{
-    close_frame, connect, drain_to_end, expect_close, free_addr, recv_data, send, within,
+    close_frame, connect, drain_to_end, expect_close, field, free_addr, http_exchange, recv_data,
+    send, within,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -48,9 +51,38 @@ fn config(
     )
 }
 
-/// A file that does not validate: the route names a pool that does not exist.
+/// A file that does not validate, twice over: the route names a pool that does not exist, and
+/// a timeout is zero.
 const INVALID: &str = "[server]\ncores = 1\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
-                       [[route]]\nupstream = \"nowhere\"\n";
+                       [timeouts]\nclose = \"0s\"\n[[route]]\nupstream = \"nowhere\"\n";
+/// The two problems [`INVALID`] has, as the gateway words them.
+const PROBLEMS: [&str; 2] = [
+    "route[0].upstream: \"nowhere\" is not a declared upstream",
+    "timeouts.close: \"0s\" must be more than 0",
+];
+
+/// Checks a failed reload's log line: `via`, and every problem in plain Display text on the
+/// one line (no Debug quoting or escapes).
+fn assert_failure_line(line: &str, via: &str) {
+    assert_eq!(field(line, "via"), Some(via), "{line}");
+    assert!(
+        line.contains(" why=/") && line.contains(".toml: 2 problems: "),
+        "{line}"
+    );
+    for problem in PROBLEMS {
+        assert!(line.contains(problem), "{problem}:\n{line}");
+    }
+    assert!(
+        !line.contains("\\\"") && !line.contains("\\n"),
+        "Debug text: {line}"
+    );
+}
+
+/// Sends `POST /reload` with `headers` (each ending in CRLF) and an empty body.
+async fn post_reload(admin: SocketAddr, headers: &str) -> common::HttpHead {
+    let request = format!("POST /reload HTTP/1.1\r\n{headers}Content-Length: 0\r\n\r\n");
+    http_exchange(admin, request.as_bytes()).await
+}
 
 /// A client that connects, must be greeted by `A`, then exchanges a message every [`PACE`]
 /// (every reply must come from `A`) until it has done [`AFTER`] exchanges after `reloaded`
@@ -140,6 +172,7 @@ async fn sighup_reroutes_new_connections_and_spares_live_ones() {
         .await
         .unwrap_or_else(|| panic!("no reload line:\n{}", gw.stderr()));
     assert!(line.contains("1 routes, 2 upstreams"), "{line}");
+    assert_eq!(field(&line, "via"), Some("sighup"), "{line}");
     reloaded.send_replace(true);
     assert_eq!(served_by(&gw).await, "B");
 
@@ -150,10 +183,7 @@ async fn sighup_reroutes_new_connections_and_spares_live_ones() {
         .wait_line(WAIT, |l| l.contains("reload failed"))
         .await
         .unwrap_or_else(|| panic!("no reload failure line:\n{}", gw.stderr()));
-    assert!(
-        line.contains("\\\"nowhere\\\"") || line.contains("\"nowhere\""),
-        "{line}"
-    );
+    assert_failure_line(&line, "sighup");
     assert_eq!(served_by(&gw).await, "B");
 
     finish_chatters(clients).await;
@@ -162,6 +192,12 @@ async fn sighup_reroutes_new_connections_and_spares_live_ones() {
     assert_eq!(b.upgrades(), 3);
     let lines = gw.stderr();
     assert_eq!(lines.matches("reload failed").count(), 1, "{lines}");
+    assert_eq!(
+        lines.matches("nowhere").count(),
+        1,
+        "one line per failure:\n{lines}"
+    );
+    assert_eq!(lines.matches("reloaded ").count(), 1, "{lines}");
     assert!(
         !lines.contains("closed_by=\"gateway\""),
         "a live connection was closed by the gateway:\n{lines}"
@@ -190,15 +226,46 @@ async fn post_reload_reroutes_and_reports_errors() {
     reloaded.send_replace(true);
     // The reload is complete when POST answers: the very next connection goes to B.
     assert_eq!(served_by(&gw).await, "B");
+    // One log line per reload, naming how it was asked for.
+    let reloaded_line = format!("reloaded {}", gw.config().path().display());
+    let lines = gw.lines();
+    let done: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains(&reloaded_line))
+        .collect();
+    assert_eq!(done.len(), 1, "{lines:#?}");
+    assert_eq!(field(done[0], "via"), Some("admin"), "{}", done[0]);
 
+    // A file that does not validate: 422 naming every problem; the running configuration
+    // stays.
     gw.config().write(INVALID);
     let (status, body) = admin_request(admin, "POST", "/reload").await;
-    assert_eq!(status, 500, "{body}");
+    assert_eq!(status, 422, "{body}");
     assert!(
-        body.contains(&format!("{}: ", gw.config().path().display()))
-            && body.contains("route[0].upstream: \"nowhere\" is not a declared upstream"),
+        body.starts_with(&format!("{}: 2 problems:\n", gw.config().path().display())),
         "{body}"
     );
+    for problem in PROBLEMS {
+        assert!(body.contains(problem), "{problem}:\n{body}");
+    }
+    assert_eq!(served_by(&gw).await, "B");
+    let line = gw
+        .wait_line(WAIT, |l| l.contains("reload failed"))
+        .await
+        .unwrap_or_else(|| panic!("no reload failure line:\n{}", gw.stderr()));
+    assert_failure_line(&line, "admin");
+    let lines = gw.stderr();
+    assert_eq!(
+        lines.matches("nowhere").count(),
+        1,
+        "one line per failure:\n{lines}"
+    );
+
+    // A file that cannot be read is the host's problem, not the request's: 500.
+    std::fs::remove_file(gw.config().path()).expect("remove the config file");
+    let (status, body) = admin_request(admin, "POST", "/reload").await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("cannot read"), "{body}");
     assert_eq!(served_by(&gw).await, "B");
 
     // [server] settings are fixed at start; a reload says so rather than half-apply them.
@@ -219,11 +286,13 @@ async fn post_reload_reroutes_and_reports_errors() {
 
     finish_chatters(clients).await;
     assert_eq!(a.upgrades(), CLIENTS + 1);
-    assert_eq!(b.upgrades(), 2);
+    assert_eq!(b.upgrades(), 3);
 }
 
+/// Without a file there is nothing to reload: 409, the request conflicting with how the
+/// gateway was started (not a server error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn post_reload_without_a_config_file_is_500() {
+async fn post_reload_without_a_config_file_is_409() {
     let admin = free_addr();
     let admin_arg = admin.to_string();
     let gw = ConfigGateway::start_args(&[
@@ -235,8 +304,14 @@ async fn post_reload_without_a_config_file_is_500() {
         &admin_arg,
     ]);
     let (status, body) = admin_request(admin, "POST", "/reload").await;
-    assert_eq!(status, 500, "{body}");
+    assert_eq!(status, 409, "{body}");
     assert!(body.contains("no --config file"), "{body}");
+    let line = gw
+        .wait_line(WAIT, |l| l.contains("reload failed"))
+        .await
+        .unwrap_or_else(|| panic!("no reload failure line:\n{}", gw.stderr()));
+    assert_eq!(field(&line, "via"), Some("admin"), "{line}");
+    assert!(line.contains(" why=no --config file to reload"), "{line}");
     assert_eq!(admin_request(admin, "GET", "/reload").await.0, 405);
     // Still serving.
     let (mut ws, _) = common::raw_client(gw.addr, "/", "gw.test", &[]).await;
@@ -318,4 +393,95 @@ async fn reload_keeps_the_state_of_unchanged_pools() {
     assert_eq!(metric(&text, &failures(dead)), None, "{text}");
     assert_eq!(sample(&text, &failures(other)), 0, "{text}");
     assert_eq!(sample(&text, &healthy(other)), 1, "{text}");
+}
+
+/// A web page cannot make a browser reload the gateway: a cross-site form post carries
+/// `Origin`, and a DNS-rebound page names its own host; both get 403 and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_reload_refuses_browsers_and_foreign_hosts() {
+    let a = TagBackend::start("A").await;
+    let b = TagBackend::start("B").await;
+    let admin = free_addr();
+    let gw = ConfigGateway::start(&config(Some(admin), "", &a, &b, "a"));
+    gw.config().write(&config(Some(admin), "", &a, &b, "b"));
+    let form = format!(
+        "Host: {admin}\r\nOrigin: https://evil.example\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\n"
+    );
+    assert_eq!(post_reload(admin, &form).await.status(), 403);
+    let rebound = format!("Host: evil.example:{}\r\n", admin.port());
+    assert_eq!(post_reload(admin, &rebound).await.status(), 403);
+    assert_eq!(served_by(&gw).await, "A", "a refused request reloaded");
+    assert!(!gw.stderr().contains("reloaded "), "{}", gw.stderr());
+
+    let local = format!("Host: localhost:{}\r\n", admin.port());
+    assert_eq!(post_reload(admin, &local).await.status(), 200);
+    assert_eq!(served_by(&gw).await, "B");
+}
+
+/// With `admin_token` set, `/metrics` and `/reload` need `Authorization: Bearer TOKEN` (401
+/// with a challenge otherwise, and nothing happens); `/healthz` stays open for probes. A token
+/// too weak to use is refused at load without being echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_guards_metrics_and_reload() {
+    const TOKEN: &str = "s3cret-token-0123456789";
+    let a = TagBackend::start("A").await;
+    let b = TagBackend::start("B").await;
+    let admin = free_addr();
+    let extra = format!("admin_token = \"{TOKEN}\"\n");
+    let gw = ConfigGateway::start(&config(Some(admin), &extra, &a, &b, "a"));
+    gw.config().write(&config(Some(admin), &extra, &a, &b, "b"));
+    let host = format!("Host: {admin}\r\n");
+    for auth in [
+        String::new(),
+        format!("Authorization: Bearer {}\r\n", &TOKEN[1..]),
+        format!("Authorization: Bearer {TOKEN}x\r\n"),
+        format!("Authorization: Basic {TOKEN}\r\n"),
+    ] {
+        let head = post_reload(admin, &format!("{host}{auth}")).await;
+        assert_eq!(head.status(), 401, "{auth}");
+        let challenge = head.header("WWW-Authenticate").unwrap_or_default();
+        assert!(challenge.starts_with("Bearer "), "{challenge}");
+        let (status, _) = admin_request(admin, "GET", "/metrics").await;
+        assert_eq!(status, 401);
+    }
+    assert_eq!(
+        served_by(&gw).await,
+        "A",
+        "an unauthorized request reloaded"
+    );
+    assert_eq!(
+        admin_request(admin, "GET", "/healthz").await,
+        (200, "ok\n".to_owned())
+    );
+
+    let auth = format!("{host}Authorization: Bearer {TOKEN}\r\n");
+    assert_eq!(post_reload(admin, &auth).await.status(), 200);
+    assert_eq!(served_by(&gw).await, "B");
+    let scrape = format!("GET /metrics HTTP/1.1\r\n{auth}\r\n");
+    let head = http_exchange(admin, scrape.as_bytes()).await;
+    assert_eq!(head.status(), 200);
+    assert!(String::from_utf8_lossy(&head.rest).contains("wsgate_upgrades_total"));
+
+    let weak = common::config::TempConfig::new(&config(
+        Some(admin),
+        "admin_token = \"hunter2\"\n",
+        &a,
+        &b,
+        "a",
+    ));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--check-config", weak.arg()])
+        .output()
+        .expect("run gateway --check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("server.admin_token: must be 16 or more"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "the token was echoed: {stderr}"
+    );
 }

@@ -304,13 +304,13 @@ async fn serve_tagged(stream: TcpStream, tag: &'static str, upgrades: Arc<Atomic
 // The admin plane.
 // ---------------------------------------------------------------------------------------------
 
-/// Sends `METHOD path` to the admin listener and reads the answer to its end; returns the
-/// status and the body.
+/// Sends `METHOD path` to the admin listener (with its own address as `Host`, which it
+/// requires) and reads the answer to its end; returns the status and the body.
 pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     within("admin request", async {
         let mut stream = TcpStream::connect(addr).await.expect("connect to admin");
         let request =
-            format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n");
+            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
         stream
             .write_all(request.as_bytes())
             .await
