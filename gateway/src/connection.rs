@@ -2,6 +2,7 @@
 //! and the access log.
 #![forbid(unsafe_code)]
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
@@ -332,7 +333,8 @@ impl Conn<'_> {
         }))
     }
 
-    /// Answers a client whose upgrade no backend took: 502, or the backend's own refusal.
+    /// Answers a client whose upgrade no backend took: 502, 503 when the gateway itself ran
+    /// out of a resource, or the backend's own refusal.
     async fn refuse(self, pool: &crate::config::Pool, e: UpstreamError) {
         let status = e.status();
         let bad_gateway = || {
@@ -343,17 +345,36 @@ impl Conn<'_> {
                 "",
             )
         };
-        let (backend, why, out) = match e {
-            UpstreamError::Unreachable => (None, "no backend available", bad_gateway()),
-            UpstreamError::BadHandshake(i, e) => (Some(i), e.as_str(), bad_gateway()),
+        let (backend, why, out): (_, Cow<'static, str>, _) = match e {
+            UpstreamError::Unreachable => (None, "no backend available".into(), bad_gateway()),
+            UpstreamError::Local {
+                backend,
+                why,
+                error,
+            } => {
+                self.core.metrics.local_error(why);
+                let out = plain(
+                    503,
+                    "Service Unavailable",
+                    why.explain(),
+                    "Retry-After: 1\r\n",
+                );
+                // The OS's words (`Too many open files (os error 24)`): the operator's clue.
+                (Some(backend), error.to_string().into(), out)
+            }
+            UpstreamError::BadHandshake(i, e) => (Some(i), e.as_str().into(), bad_gateway()),
             UpstreamError::HandshakeFailed(i) => (
                 Some(i),
-                "backend handshake failed or timed out",
+                "backend handshake failed or timed out".into(),
                 bad_gateway(),
             ),
             UpstreamError::Rejected {
                 backend, response, ..
-            } => (Some(backend), "backend refused the upgrade", response),
+            } => (
+                Some(backend),
+                "backend refused the upgrade".into(),
+                response,
+            ),
         };
         respond(&self.stream, self.core, status, out).await;
         let backend = backend.map(|i| pool.backends[i].to_string());
@@ -363,7 +384,7 @@ impl Conn<'_> {
             pool = pool.name,
             backend,
             status,
-            why,
+            why = &*why,
             "upgrade failed"
         );
     }
