@@ -14,7 +14,7 @@ use codec::handshake::{
     self, HandshakeError, HeadLimits, UpgradeRequest, offers_permessage_deflate,
 };
 
-use crate::admission::Admitted;
+use crate::admission::{Admitted, Refusal};
 use crate::balance::ActiveGuard;
 use crate::config::{Route, Upstream};
 use crate::keepalive::Keepalive;
@@ -128,12 +128,29 @@ impl ProxySession {
 /// Reads the client's request and answers it: an upgraded session, or a refusal (then none).
 async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Session> {
     let started = Instant::now();
-    drop(stream.set_nodelay());
     // The generation current at accept time serves this connection to its end: a reload
     // never changes an established connection.
     let generation = core.shared.current();
     let cfg = &generation.config;
     let limits = &cfg.global_limits;
+    // Admitted at accept, before a byte is read: a connection that never sends its request
+    // holds a descriptor and a task like any other, so it takes a slot like any other, and a
+    // flood of silent connections meets the limits instead of only the descriptor limit.
+    // Both limits need only the address, so the per-IP one is checked here too: otherwise
+    // one address could hold every global slot with silent connections.
+    let admitted = core.shared.admission.admit(
+        client.ip(),
+        limits.max_connections,
+        limits.max_connections_per_ip,
+    );
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            Box::pin(refuse_at_accept(&stream, client, core, refusal)).await;
+            return None;
+        }
+    };
+    drop(stream.set_nodelay());
     let hello = tokio::time::timeout(
         limits.handshake_timeout,
         Box::pin(read_request(&stream, &limits.head_limits)),
@@ -169,25 +186,6 @@ async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Sess
         respond(&stream, core, 503, out).await;
         return None;
     }
-    let admitted = core.shared.admission.admit(
-        client.ip(),
-        limits.max_connections,
-        limits.max_connections_per_ip,
-    );
-    let admitted = match admitted {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
-            tracing::info!(%client, path = req.path, why = refusal.as_str(), "upgrade refused");
-            let out = plain(
-                429,
-                "Too Many Requests",
-                refusal.as_str(),
-                "Retry-After: 1\r\n",
-            );
-            respond(&stream, core, 429, out).await;
-            return None;
-        }
-    };
     let Some(route) = cfg.route(&req.host, &req.path) else {
         tracing::info!(%client, host = req.host, path = req.path, "no route");
         let out = plain(404, "Not Found", "no route for this host and path", "");
@@ -395,6 +393,44 @@ async fn respond(stream: &Stream, core: &Core, status: u16, mut out: Vec<u8>) {
     core.metrics.upgrade(status);
     drop(stream.write_all(&mut out).await);
     stream.shutdown(Shutdown::Both);
+}
+
+/// How long a connection refused at accept is kept to take in what the client sent, at most.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// Refuses a connection over a limit as soon as it is accepted: answers 429 at once without
+/// reading the request (the limits need only the address), and lets go of it.
+///
+/// An answer rather than a bare close, so a client that asked in good faith learns why and
+/// when to retry (`Retry-After`); it costs one small write. Closing a socket with unread input
+/// makes the kernel send a reset, which can destroy the answer on its way: so the answer is
+/// followed by a FIN (the client reads it and an EOF at once), and the input is drained until
+/// the client closes, for at most [`REFUSAL_LINGER`]. The connection holds no slot meanwhile.
+async fn refuse_at_accept(stream: &Stream, client: SocketAddr, core: &Core, refusal: Refusal) {
+    tracing::info!(%client, why = refusal.as_str(), "upgrade refused");
+    core.metrics.upgrade(429);
+    let mut out = plain(
+        429,
+        "Too Many Requests",
+        refusal.as_str(),
+        "Retry-After: 1\r\n",
+    );
+    if stream.write_all(&mut out).await.is_err() {
+        return;
+    }
+    stream.shutdown(Shutdown::Write);
+    let drain = async {
+        let mut sink = Vec::with_capacity(1024);
+        let mut taken = 0;
+        while taken < 64 * 1024 {
+            sink.clear();
+            match stream.read_more(&mut sink, 1024).await {
+                Ok(n @ 1..) => taken += n,
+                _ => break,
+            }
+        }
+    };
+    drop(tokio::time::timeout(REFUSAL_LINGER, drain).await);
 }
 
 /// Reads until a complete upgrade request (or a reason to refuse it) has arrived.

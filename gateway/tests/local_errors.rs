@@ -1,17 +1,19 @@
 //! The gateway's own limits, end to end: running out of descriptors is answered 503 and not
-//! held against a healthy backend, and a backend that is ejected is logged with the reason.
+//! held against a healthy backend, and connections count against the connection limits from
+//! accept, so silent connections that never send a request cannot pile up past them.
 
 pub mod common;
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use common::config::{
-    ConfigGateway, TagBackend, TempConfig, preamble, sample, scrape, upgrade_request,
+    ConfigGateway, TagBackend, TempConfig, connect_from, preamble, sample, scrape, upgrade_request,
+    wait_metric,
 };
-use common::{Gateway, STEP, field, free_addr, refused_status, try_connect, within};
+use common::{Gateway, STEP, field, free_addr, raw_client, refused_status, try_connect, within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite;
 
 /// The gateway's descriptor limit in the exhaustion test: about 20 above what it holds idle.
@@ -24,6 +26,13 @@ const LOCAL_FAILURES: usize = 3;
 /// How long a client waits for an answer before concluding that the gateway did not accept
 /// its connection (it answers an accepted one within milliseconds).
 const UNANSWERED: Duration = Duration::from_secs(1);
+/// The bound on "at once" for a connection refused at accept.
+const PROMPT: Duration = Duration::from_secs(1);
+const ACTIVE: &str = "wsgate_active_connections{core=\"0\"}";
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
 
 /// What the gateway said to one upgrade request.
 enum Answer {
@@ -263,4 +272,111 @@ async fn an_ejection_is_logged_with_its_reason() {
             .count(),
         1
     );
+}
+
+/// A TCP connection from `from` that never sends a byte.
+async fn silent_from(from: IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    within("connect", socket.connect(addr))
+        .await
+        .expect("connect to the gateway")
+}
+
+/// Expects `stream`, which sent nothing, to be answered 429 with `body` and closed at once.
+async fn refused_at_once(mut stream: TcpStream, body: &str) {
+    let started = Instant::now();
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(PROMPT, stream.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "not closed within {PROMPT:?} ({read:?}); got {text:?}"
+    );
+    assert!(text.starts_with("HTTP/1.1 429 "), "{text:?}");
+    assert!(text.contains("\r\nRetry-After: 1\r\n"), "{text:?}");
+    assert!(text.ends_with(&format!("\r\n\r\n{body}\n")), "{text:?}");
+    assert!(started.elapsed() < PROMPT);
+}
+
+/// Upgrades from `from`, retrying (bounded) while the gateway has yet to notice a close.
+async fn upgraded_soon(gw: &ConfigGateway, from: IpAddr) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match connect_from(from, gw.addr, &gw.url("/")).await {
+            Ok(_) => return,
+            Err(429) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("refused ({status}) after a silent connection closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_count_against_max_connections_from_accept() {
+    const K: u64 = 3;
+    let admin = free_addr();
+    let gw = ConfigGateway::start(&format!(
+        "{}[limits]\nmax_connections = {K}\nhandshake_timeout = \"30s\"\n\n\
+         [[route]]\nupstream = \"echo\"\n",
+        preamble(Some(admin), "")
+    ));
+    // From several addresses: the global limit is what is at stake.
+    let mut silent = Vec::new();
+    for n in 0..K {
+        silent.push(silent_from(ip(n as u8 + 1), gw.addr).await);
+    }
+    wait_metric(admin, ACTIVE, STEP, |n| n == K).await;
+    refused_at_once(silent_from(ip(9), gw.addr).await, "too many connections").await;
+    // A client with a request is refused the same way, without the request being read.
+    let mut eager = silent_from(ip(9), gw.addr).await;
+    eager
+        .write_all(&upgrade_request("/", "gw.test", &[]))
+        .await
+        .expect("write the request");
+    refused_at_once(eager, "too many connections").await;
+
+    drop(silent.pop());
+    upgraded_soon(&gw, ip(9)).await;
+
+    let text = scrape(admin).await;
+    assert_eq!(sample(&text, "wsgate_upgrades_total{status=\"429\"}"), 2);
+    let refused = gw
+        .wait_line(STEP, |l| l.contains("upgrade refused"))
+        .await
+        .unwrap_or_else(|| panic!("no refusal logged:\n{}", gw.stderr()));
+    assert!(
+        refused.contains("why=\"too many connections\""),
+        "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_count_against_the_per_ip_limit_from_accept() {
+    let admin = free_addr();
+    let gw = ConfigGateway::start(&format!(
+        "{}[limits]\nmax_connections_per_ip = 2\nhandshake_timeout = \"30s\"\n\n\
+         [[route]]\nupstream = \"echo\"\n",
+        preamble(Some(admin), "")
+    ));
+    let mut silent = vec![
+        silent_from(ip(2), gw.addr).await,
+        silent_from(ip(2), gw.addr).await,
+    ];
+    wait_metric(admin, ACTIVE, STEP, |n| n == 2).await;
+    refused_at_once(
+        silent_from(ip(2), gw.addr).await,
+        "too many connections from this address",
+    )
+    .await;
+    // Another address (raw clients connect from 127.0.0.1) has slots of its own.
+    let (mut ws, _) = raw_client(gw.addr, "/", "gw.test", &[]).await;
+    ws.send_close(1000, "").await;
+    assert_eq!(ws.expect_close().await.close_code(), Some(1000));
+
+    drop(silent.pop());
+    upgraded_soon(&gw, ip(2)).await;
 }
