@@ -46,6 +46,19 @@ pub(crate) struct PoolState {
     epoch: Instant,
 }
 
+/// What one failure recorded by [`PoolState::record_failure`] did to its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Counted toward ejection: this many failures in a row so far, not (yet) enough to
+    /// eject, or the pool never ejects.
+    Counted(u32),
+    /// Ejected a backend that was available: this many failures in a row did it.
+    Ejected(u32),
+    /// The backend was ejected already (attempts begun before the ejection failed late):
+    /// its cool-down now ends later.
+    Extended,
+}
+
 /// What a hashing pool hashes for one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct HashInput<'a> {
@@ -171,27 +184,29 @@ impl PoolState {
     /// backend is skipped for `pool.eject_for`, and its streak starts again from 0, so after
     /// the cool-down it gets as many tries as a fresh backend.
     ///
-    /// Returns true if this failure ejected a backend that was available (for the log line);
-    /// a failure of an attempt begun before the ejection only extends it.
-    pub(crate) fn record_failure(&self, backend: usize, pool: &Pool) -> bool {
+    /// Says whether this failure ejected the backend, for the log line; a failure of an
+    /// attempt begun before the ejection only extends it.
+    pub(crate) fn record_failure(&self, backend: usize, pool: &Pool) -> Failure {
         self.record_failure_at(backend, pool, self.now_ms())
     }
 
-    fn record_failure_at(&self, backend: usize, pool: &Pool, now: u64) -> bool {
-        if pool.eject_after == 0 {
-            return false;
-        }
+    fn record_failure_at(&self, backend: usize, pool: &Pool, now: u64) -> Failure {
         let b = &self.backends[backend];
+        // Counted even when ejection is off: the streak is what the log line reports.
         let failures = b
             .consecutive_failures
             .fetch_add(1, Relaxed)
             .saturating_add(1);
-        if failures < pool.eject_after {
-            return false;
+        if pool.eject_after == 0 || failures < pool.eject_after {
+            return Failure::Counted(failures);
         }
         b.consecutive_failures.store(0, Relaxed);
         let until = now.saturating_add(millis(pool.eject_for));
-        b.ejected_until.fetch_max(until, Relaxed) <= now
+        if b.ejected_until.fetch_max(until, Relaxed) <= now {
+            Failure::Ejected(failures)
+        } else {
+            Failure::Extended
+        }
     }
 
     /// Records an active probe's verdict; returns true if it changed (for the log line).
@@ -485,9 +500,10 @@ mod tests {
             );
         }
 
-        assert!(!state.record_failure(1, &pool));
-        assert!(
+        assert_eq!(state.record_failure(1, &pool), Failure::Counted(1));
+        assert_eq!(
             state.record_failure(1, &pool),
+            Failure::Ejected(2),
             "second failure ejects (eject_after = 2)"
         );
         let mut moved_to = [0_usize; 3];
@@ -521,22 +537,28 @@ mod tests {
         let order = |now| state.candidates_at(&pool, &key, &Cell::new(0), now);
 
         // A success in between resets the streak.
-        assert!(!state.record_failure_at(0, &pool, 100));
+        assert_eq!(state.record_failure_at(0, &pool, 100), Failure::Counted(1));
         state.record_success(0);
-        assert!(!state.record_failure_at(0, &pool, 200));
+        assert_eq!(state.record_failure_at(0, &pool, 200), Failure::Counted(1));
         assert!(state.is_available_at(0, 200));
 
-        assert!(state.record_failure_at(0, &pool, 300));
+        assert_eq!(state.record_failure_at(0, &pool, 300), Failure::Ejected(2));
         assert!(!state.is_available_at(0, 300));
         assert_eq!(order(300), [1]);
         assert_eq!(order(10_299), [1]);
         // A straggler failing during the cool-down extends it without reporting a new ejection.
-        assert!(!state.record_failure_at(0, &pool, 5_000));
-        assert!(!state.record_failure_at(0, &pool, 5_000));
+        assert_eq!(
+            state.record_failure_at(0, &pool, 5_000),
+            Failure::Counted(1)
+        );
+        assert_eq!(state.record_failure_at(0, &pool, 5_000), Failure::Extended);
         assert_eq!(order(10_300), [1]);
         assert_eq!(order(15_000), [0, 1]);
         // The streak started over: one failure does not eject again.
-        assert!(!state.record_failure_at(0, &pool, 15_001));
+        assert_eq!(
+            state.record_failure_at(0, &pool, 15_001),
+            Failure::Counted(1)
+        );
         assert!(state.is_available_at(0, 15_001));
 
         // Both ejected: no candidates, so the caller answers 502 without trying.
@@ -552,7 +574,7 @@ mod tests {
         pool.eject_after = 1;
         pool.eject_for = Duration::from_millis(30);
         let state = PoolState::new(1);
-        assert!(state.record_failure(0, &pool));
+        assert_eq!(state.record_failure(0, &pool), Failure::Ejected(1));
         assert!(!state.is_available(0));
         std::thread::sleep(Duration::from_millis(60));
         assert!(state.is_available(0));
@@ -563,8 +585,8 @@ mod tests {
         let mut pool = pool(1, Balance::RoundRobin);
         pool.eject_after = 0;
         let state = PoolState::new(1);
-        for _ in 0..100 {
-            assert!(!state.record_failure(0, &pool));
+        for n in 1..=100 {
+            assert_eq!(state.record_failure(0, &pool), Failure::Counted(n));
         }
         assert!(state.is_available(0));
     }

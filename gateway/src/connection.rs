@@ -2,6 +2,7 @@
 //! and the access log.
 #![forbid(unsafe_code)]
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use codec::handshake::{
     self, HandshakeError, HeadLimits, UpgradeRequest, offers_permessage_deflate,
 };
 
-use crate::admission::Admitted;
+use crate::admission::{Admitted, Refusal};
 use crate::balance::ActiveGuard;
 use crate::config::{Route, Upstream};
 use crate::keepalive::Keepalive;
@@ -127,12 +128,29 @@ impl ProxySession {
 /// Reads the client's request and answers it: an upgraded session, or a refusal (then none).
 async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Session> {
     let started = Instant::now();
-    drop(stream.set_nodelay());
     // The generation current at accept time serves this connection to its end: a reload
     // never changes an established connection.
     let generation = core.shared.current();
     let cfg = &generation.config;
     let limits = &cfg.global_limits;
+    // Admitted at accept, before a byte is read: a connection that never sends its request
+    // holds a descriptor and a task like any other, so it takes a slot like any other, and a
+    // flood of silent connections meets the limits instead of only the descriptor limit.
+    // Both limits need only the address, so the per-IP one is checked here too: otherwise
+    // one address could hold every global slot with silent connections.
+    let admitted = core.shared.admission.admit(
+        client.ip(),
+        limits.max_connections,
+        limits.max_connections_per_ip,
+    );
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            Box::pin(refuse_at_accept(&stream, client, core, refusal)).await;
+            return None;
+        }
+    };
+    drop(stream.set_nodelay());
     let hello = tokio::time::timeout(
         limits.handshake_timeout,
         Box::pin(read_request(&stream, &limits.head_limits)),
@@ -168,25 +186,6 @@ async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Sess
         respond(&stream, core, 503, out).await;
         return None;
     }
-    let admitted = core.shared.admission.admit(
-        client.ip(),
-        limits.max_connections,
-        limits.max_connections_per_ip,
-    );
-    let admitted = match admitted {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
-            tracing::info!(%client, path = req.path, why = refusal.as_str(), "upgrade refused");
-            let out = plain(
-                429,
-                "Too Many Requests",
-                refusal.as_str(),
-                "Retry-After: 1\r\n",
-            );
-            respond(&stream, core, 429, out).await;
-            return None;
-        }
-    };
     // `req.path` is already normalised (codec::target): the route matches the very path the
     // backend will be sent, so no spelling of `/admin` can take another route's rules.
     let Some(route) = cfg.route(&req.host, &req.path) else {
@@ -334,7 +333,8 @@ impl Conn<'_> {
         }))
     }
 
-    /// Answers a client whose upgrade no backend took: 502, or the backend's own refusal.
+    /// Answers a client whose upgrade no backend took: 502, 503 when the gateway itself ran
+    /// out of a resource, or the backend's own refusal.
     async fn refuse(self, pool: &crate::config::Pool, e: UpstreamError) {
         let status = e.status();
         let bad_gateway = || {
@@ -345,17 +345,36 @@ impl Conn<'_> {
                 "",
             )
         };
-        let (backend, why, out) = match e {
-            UpstreamError::Unreachable => (None, "no backend available", bad_gateway()),
-            UpstreamError::BadHandshake(i, e) => (Some(i), e.as_str(), bad_gateway()),
+        let (backend, why, out): (_, Cow<'static, str>, _) = match e {
+            UpstreamError::Unreachable => (None, "no backend available".into(), bad_gateway()),
+            UpstreamError::Local {
+                backend,
+                why,
+                error,
+            } => {
+                self.core.metrics.local_error(why);
+                let out = plain(
+                    503,
+                    "Service Unavailable",
+                    why.explain(),
+                    "Retry-After: 1\r\n",
+                );
+                // The OS's words (`Too many open files (os error 24)`): the operator's clue.
+                (Some(backend), error.to_string().into(), out)
+            }
+            UpstreamError::BadHandshake(i, e) => (Some(i), e.as_str().into(), bad_gateway()),
             UpstreamError::HandshakeFailed(i) => (
                 Some(i),
-                "backend handshake failed or timed out",
+                "backend handshake failed or timed out".into(),
                 bad_gateway(),
             ),
             UpstreamError::Rejected {
                 backend, response, ..
-            } => (Some(backend), "backend refused the upgrade", response),
+            } => (
+                Some(backend),
+                "backend refused the upgrade".into(),
+                response,
+            ),
         };
         respond(&self.stream, self.core, status, out).await;
         let backend = backend.map(|i| pool.backends[i].to_string());
@@ -365,7 +384,7 @@ impl Conn<'_> {
             pool = pool.name,
             backend,
             status,
-            why,
+            why = &*why,
             "upgrade failed"
         );
     }
@@ -376,6 +395,44 @@ async fn respond(stream: &Stream, core: &Core, status: u16, mut out: Vec<u8>) {
     core.metrics.upgrade(status);
     drop(stream.write_all(&mut out).await);
     stream.shutdown(Shutdown::Both);
+}
+
+/// How long a connection refused at accept is kept to take in what the client sent, at most.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// Refuses a connection over a limit as soon as it is accepted: answers 429 at once without
+/// reading the request (the limits need only the address), and lets go of it.
+///
+/// An answer rather than a bare close, so a client that asked in good faith learns why and
+/// when to retry (`Retry-After`); it costs one small write. Closing a socket with unread input
+/// makes the kernel send a reset, which can destroy the answer on its way: so the answer is
+/// followed by a FIN (the client reads it and an EOF at once), and the input is drained until
+/// the client closes, for at most [`REFUSAL_LINGER`]. The connection holds no slot meanwhile.
+async fn refuse_at_accept(stream: &Stream, client: SocketAddr, core: &Core, refusal: Refusal) {
+    tracing::info!(%client, why = refusal.as_str(), "upgrade refused");
+    core.metrics.upgrade(429);
+    let mut out = plain(
+        429,
+        "Too Many Requests",
+        refusal.as_str(),
+        "Retry-After: 1\r\n",
+    );
+    if stream.write_all(&mut out).await.is_err() {
+        return;
+    }
+    stream.shutdown(Shutdown::Write);
+    let drain = async {
+        let mut sink = Vec::with_capacity(1024);
+        let mut taken = 0;
+        while taken < 64 * 1024 {
+            sink.clear();
+            match stream.read_more(&mut sink, 1024).await {
+                Ok(n @ 1..) => taken += n,
+                _ => break,
+            }
+        }
+    };
+    drop(tokio::time::timeout(REFUSAL_LINGER, drain).await);
 }
 
 /// Reads until a complete upgrade request (or a reason to refuse it) has arrived.

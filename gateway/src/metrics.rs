@@ -20,6 +20,7 @@ use std::time::Duration;
 use codec::CloseCode;
 
 use crate::lifecycle::Side;
+use crate::upstream::LocalError;
 
 /// Accepted client connections not yet closed, per core (gauge).
 pub(crate) const ACTIVE_CONNECTIONS: &str = "wsgate_active_connections";
@@ -41,6 +42,8 @@ pub(crate) const BACKEND_CONNECT_FAILURES: &str = "wsgate_backend_connect_failur
 pub(crate) const BACKEND_HEALTHY: &str = "wsgate_backend_healthy";
 /// Failed active health probes of a backend (counter).
 pub(crate) const BACKEND_PROBE_FAILURES: &str = "wsgate_backend_probe_failures_total";
+/// Backend connects that failed for want of the gateway's own resources, by errno (counter).
+pub(crate) const LOCAL_ERRORS: &str = "wsgate_local_errors_total";
 
 /// Upgrade statuses with their own series: what the gateway answers itself (101, 400, 405,
 /// 426, 431, 502) and what a refusing backend commonly passes through. The rest is "other".
@@ -178,6 +181,8 @@ pub(crate) struct CoreMetrics {
     handshake_buckets: [AtomicU64; BUCKETS.len() + 1],
     /// Microseconds: finer than the smallest bucket, and a u64 of them never overflows.
     handshake_sum_micros: AtomicU64,
+    /// Indexed by [`LocalError::index`].
+    local_errors: [AtomicU64; LocalError::ALL.len()],
 }
 
 impl CoreMetrics {
@@ -191,6 +196,7 @@ impl CoreMetrics {
             close_codes: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             handshake_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             handshake_sum_micros: AtomicU64::new(0),
+            local_errors: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -236,6 +242,13 @@ impl CoreMetrics {
         self.handshake_buckets[i].fetch_add(1, Relaxed);
         let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.handshake_sum_micros.fetch_add(micros, Relaxed);
+    }
+}
+
+impl CoreMetrics {
+    /// A backend connect failed with a local error (the client was answered 503).
+    pub(crate) fn local_error(&self, why: LocalError) {
+        self.local_errors[why.index()].fetch_add(1, Relaxed);
     }
 }
 
@@ -338,6 +351,7 @@ impl Metrics {
         self.render_frames(out);
         self.render_close_frames(out);
         self.render_close_handshake(out);
+        self.render_local_errors(out);
         render_backends(out, backends);
     }
 
@@ -464,6 +478,23 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Every errno's series, zeros included (see `render_close_frames`).
+    fn render_local_errors(&self, out: &mut String) {
+        header(
+            out,
+            LOCAL_ERRORS,
+            "counter",
+            "Backend connects that failed for want of the gateway's own resources (descriptors, \
+             memory, local ports), by errno; answered 503 and not held against the backend.",
+        );
+        for why in LocalError::ALL {
+            let n = self.sum(|c| &c.local_errors[why.index()]);
+            _ = writeln!(out, "{LOCAL_ERRORS}{{why=\"{}\"}} {n}", why.as_str());
+        }
+    }
+}
+
 /// The backend families. Rows are collected first: each family's samples must be contiguous.
 ///
 /// The probe-failure counter names the pool `upstream`, as the configuration does; the two
@@ -571,6 +602,9 @@ mod tests {
         b.upgrade(101);
         b.upgrade(426);
         b.upgrade(418);
+        a.local_error(LocalError::Emfile);
+        b.local_error(LocalError::Emfile);
+        b.local_error(LocalError::Eaddrnotavail);
         a.frames(Direction::ClientToBackend, 3, 100);
         b.frames(Direction::from(Side::Client), 2, 50);
         b.frames(Direction::BackendToClient, 1, 7);
@@ -590,6 +624,10 @@ mod tests {
             r#"wsgate_frames_total{direction="backend_to_client"} 1"#,
             r#"wsgate_payload_bytes_total{direction="client_to_backend"} 150"#,
             r#"wsgate_payload_bytes_total{direction="backend_to_client"} 7"#,
+            "# TYPE wsgate_local_errors_total counter",
+            r#"wsgate_local_errors_total{why="emfile"} 2"#,
+            r#"wsgate_local_errors_total{why="enfile"} 0"#,
+            r#"wsgate_local_errors_total{why="eaddrnotavail"} 1"#,
         ] {
             has_line(&text, line);
         }

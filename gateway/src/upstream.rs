@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use codec::handshake::{
     ClientHandshake, HandshakeError, HeadLimits, ServerResponse, UpgradeRequest,
 };
 
-use crate::balance::{ActiveGuard, HashInput, hash_input};
+use crate::balance::{ActiveGuard, Failure, HashInput, hash_input};
 use crate::config::{BackendUrl, Balance, Pool};
 use crate::reload::PoolRuntime;
 use crate::uring::Stream;
@@ -33,10 +34,84 @@ pub(crate) struct Upgraded {
     pub(crate) active: ActiveGuard,
 }
 
+/// A backend connect that failed for want of the gateway's own resources: not the backend's
+/// fault, so it neither counts toward ejecting the backend nor is worth trying on another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LocalError {
+    /// EMFILE: this process holds as many descriptors as its limit allows.
+    Emfile,
+    /// ENFILE: the system holds as many open files as it allows.
+    Enfile,
+    /// ENOMEM: the kernel could not allocate memory for the socket.
+    Enomem,
+    /// ENOBUFS: the kernel had no buffer space for the socket.
+    Enobufs,
+    /// EADDRNOTAVAIL: no free local port (the ephemeral range is used up) or local address.
+    Eaddrnotavail,
+}
+
+impl LocalError {
+    /// Every variant, in the order of [`LocalError::index`].
+    pub(crate) const ALL: [Self; 5] = [
+        Self::Emfile,
+        Self::Enfile,
+        Self::Enomem,
+        Self::Enobufs,
+        Self::Eaddrnotavail,
+    ];
+
+    /// The local error behind `e`, if it is one (by its OS error number).
+    pub(crate) fn of(e: &io::Error) -> Option<Self> {
+        match e.raw_os_error()? {
+            libc::EMFILE => Some(Self::Emfile),
+            libc::ENFILE => Some(Self::Enfile),
+            libc::ENOMEM => Some(Self::Enomem),
+            libc::ENOBUFS => Some(Self::Enobufs),
+            libc::EADDRNOTAVAIL => Some(Self::Eaddrnotavail),
+            _ => None,
+        }
+    }
+
+    /// Position in [`LocalError::ALL`] (for a table of counters).
+    pub(crate) const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The errno's name in lower case (a metric label).
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Emfile => "emfile",
+            Self::Enfile => "enfile",
+            Self::Enomem => "enomem",
+            Self::Enobufs => "enobufs",
+            Self::Eaddrnotavail => "eaddrnotavail",
+        }
+    }
+
+    /// What the client is told (the body of its 503).
+    pub(crate) const fn explain(self) -> &'static str {
+        match self {
+            Self::Emfile => "the gateway is out of file descriptors",
+            Self::Enfile => "the system is out of file descriptors",
+            Self::Enomem | Self::Enobufs => "the gateway is out of socket memory",
+            Self::Eaddrnotavail => "the gateway is out of local ports",
+        }
+    }
+}
+
 /// Why no upstream leg could be established.
 pub(crate) enum UpstreamError {
     /// No backend accepted a TCP connection in time (or none was available to try).
     Unreachable,
+    /// The gateway could not open a connection for want of its own resources.
+    Local {
+        /// Which backend it was connecting to.
+        backend: usize,
+        /// Which resource ran out.
+        why: LocalError,
+        /// The OS error, for the log line.
+        error: io::Error,
+    },
     /// A backend answered with something that is not a valid 101.
     BadHandshake(usize, HandshakeError),
     /// A backend timed out or dropped the connection during its handshake.
@@ -57,6 +132,8 @@ impl UpstreamError {
     pub(crate) fn status(&self) -> u16 {
         match self {
             Self::Rejected { status, .. } => *status,
+            // Not a bad gateway: this one is briefly overloaded, and the backends are fine.
+            Self::Local { .. } => 503,
             Self::Unreachable | Self::BadHandshake(..) | Self::HandshakeFailed(_) => 502,
         }
     }
@@ -121,7 +198,9 @@ pub(crate) struct Target<'a> {
 }
 
 /// Connects to the first backend that answers, in the pool's balancing order, and upgrades.
-/// Connect failures try the next backend; every failure counts toward passive ejection.
+/// Connect failures try the next backend; every failure counts toward passive ejection,
+/// except a [`LocalError`], which ends the attempt at once (the next backend would need the
+/// same descriptor, memory or port) and leaves the backend's record alone.
 pub(crate) async fn open(
     target: &Target<'_>,
     req: &UpgradeRequest,
@@ -146,26 +225,44 @@ pub(crate) async fn open(
         // Counted from the attempt's start, so least-connections sees handshakes in flight
         // and a burst of clients does not all pick the same idle backend.
         let active = runtime.state.connected(index);
-        let Ok(stream) = Stream::connect(backend.addr, connect_timeout).await else {
-            drop(active);
-            runtime.stats[index].connect_failure();
-            let ejected = runtime.state.record_failure(index, pool);
-            tracing::warn!(pool = pool.name, backend = %backend, ejected, "backend connect failed");
-            continue;
+        let stream = match Stream::connect(backend.addr, connect_timeout).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                drop(active);
+                if let Some(why) = LocalError::of(&error) {
+                    tracing::warn!(
+                        upstream = pool.name,
+                        backend = %backend,
+                        why = &*error.to_string(),
+                        "local connect failure, not held against the backend"
+                    );
+                    return Err(UpstreamError::Local {
+                        backend: index,
+                        why,
+                        error,
+                    });
+                }
+                runtime.stats[index].connect_failure();
+                backend_failed(pool, runtime, index, "connect", &error.to_string());
+                continue;
+            }
         };
         drop(stream.set_nodelay());
         let upgrade = handshake(&stream, backend, req, client, head_limits);
         let result = tokio::time::timeout(connect_timeout, upgrade).await;
         let failed = match &result {
-            Ok(Ok((ServerResponse::Upgraded { .. }, _))) => false,
+            Ok(Ok((ServerResponse::Upgraded { .. }, _))) => None,
             // A 4xx is the application's answer; a 5xx, a bad 101 or silence is the
             // backend failing.
-            Ok(Ok((ServerResponse::Rejected { status }, _))) => *status >= 500,
-            Ok(Err(_)) | Err(_) => true,
+            Ok(Ok((ServerResponse::Rejected { status }, _))) => {
+                (*status >= 500).then(|| format!("answered {status}"))
+            }
+            Ok(Err(Some(e))) => Some(e.as_str().to_owned()),
+            Ok(Err(None)) => Some("connection lost during the upgrade".to_owned()),
+            Err(_) => Some("upgrade timed out".to_owned()),
         };
-        if failed {
-            let ejected = runtime.state.record_failure(index, pool);
-            tracing::warn!(pool = pool.name, backend = %backend, ejected, "backend upgrade failed");
+        if let Some(why) = failed {
+            backend_failed(pool, runtime, index, "upgrade", &why);
         } else {
             runtime.state.record_success(index);
         }
@@ -207,6 +304,30 @@ pub(crate) async fn open(
         };
     }
     Err(UpstreamError::Unreachable)
+}
+
+/// Counts a failure of backend `index` during `stage` (`connect` or `upgrade`) toward its
+/// ejection and logs it with `why`; when it ejects the backend, says so on a line of its own,
+/// with the last error, the failures in a row and the cool-down.
+fn backend_failed(pool: &Pool, runtime: &PoolRuntime, index: usize, stage: &str, why: &str) {
+    let backend = &pool.backends[index];
+    let failure = runtime.state.record_failure(index, pool);
+    let failures = match failure {
+        Failure::Counted(n) | Failure::Ejected(n) => n,
+        // Late news of an attempt begun before the ejection: the streak restarted there.
+        Failure::Extended => 0,
+    };
+    tracing::warn!(upstream = pool.name, backend = %backend, why, failures, "backend {stage} failed");
+    if let Failure::Ejected(failures) = failure {
+        tracing::warn!(
+            upstream = pool.name,
+            backend = %backend,
+            why,
+            failures,
+            eject_for_ms = u64::try_from(pool.eject_for.as_millis()).unwrap_or(u64::MAX),
+            "backend ejected"
+        );
+    }
 }
 
 /// Sends the upstream request and reads the answer. For a 101 the returned bytes are those
@@ -254,6 +375,36 @@ async fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_errors_are_told_by_errno() {
+        for (i, why) in LocalError::ALL.into_iter().enumerate() {
+            assert_eq!(why.index(), i);
+        }
+        let os = |n| io::Error::from_raw_os_error(n);
+        assert_eq!(LocalError::of(&os(libc::EMFILE)), Some(LocalError::Emfile));
+        assert_eq!(LocalError::of(&os(libc::ENFILE)), Some(LocalError::Enfile));
+        assert_eq!(LocalError::of(&os(libc::ENOMEM)), Some(LocalError::Enomem));
+        assert_eq!(
+            LocalError::of(&os(libc::ENOBUFS)),
+            Some(LocalError::Enobufs)
+        );
+        assert_eq!(
+            LocalError::of(&os(libc::EADDRNOTAVAIL)),
+            Some(LocalError::Eaddrnotavail)
+        );
+        // The backend's side of things: refused, unreachable, reset, timed out.
+        for n in [
+            libc::ECONNREFUSED,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::ECONNRESET,
+        ] {
+            assert_eq!(LocalError::of(&os(n)), None, "errno {n}");
+        }
+        let timeout = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+        assert_eq!(LocalError::of(&timeout), None);
+    }
 
     #[test]
     fn forwarding_headers() {

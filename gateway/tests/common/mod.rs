@@ -94,8 +94,26 @@ impl Gateway {
     /// field (text or JSON logs).
     #[must_use]
     pub fn start_exact(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        command.args(args);
+        Self::spawn(command, args)
+    }
+
+    /// [`start_exact`](Self::start_exact) under a descriptor limit of `nofile` (soft and
+    /// hard), set by the shell's `ulimit -n` just before it execs the gateway.
+    #[must_use]
+    pub fn start_with_nofile(nofile: u32, args: &[&str]) -> Self {
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", &format!("ulimit -n {nofile} && exec \"$0\" \"$@\"")])
+            .arg(env!("CARGO_BIN_EXE_gateway"))
+            .args(args);
+        Self::spawn(command, args)
+    }
+
+    /// Runs `command` (which becomes the gateway process) and waits for its `listen` field.
+    fn spawn(mut command: Command, args: &[&str]) -> Self {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
