@@ -77,6 +77,12 @@ pub(crate) struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(crate) pong_timeout: Duration,
 
+    /// A peer that takes no bytes for this long while a write to it is pending stopped
+    /// reading: its socket is shut and the other peer told (1001 to the backend of a stuck
+    /// client, 1011 to the client of a stuck backend). 0 turns it off.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) write_timeout: Duration,
+
     /// Close connections (1001) on which neither side sent anything for this long; pongs
     /// count, so with pings on, quiet but healthy connections stay. 0 turns it off.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
@@ -127,6 +133,7 @@ impl Args {
         config.timeouts.ping_interval = nonzero(self.ping_interval);
         config.timeouts.pong_timeout = self.pong_timeout;
         config.timeouts.idle = nonzero(self.idle_timeout);
+        config.timeouts.write = nonzero(self.write_timeout);
         config.server.drain_timeout = self.drain_timeout;
         config.server.admin = self.admin;
         config.server.log_format = self.log_format();

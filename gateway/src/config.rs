@@ -28,6 +28,7 @@ const DEFAULT_WRITE_BUFFER: u64 = 64 << 10;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_EJECT_AFTER: u32 = 3;
 const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(30);
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -197,6 +198,9 @@ pub(crate) struct Timeouts {
     pub(crate) ping_interval: Option<Duration>,
     /// A leg that does not answer a ping in time is dead.
     pub(crate) pong_timeout: Duration,
+    /// A peer whose pending write moves no bytes for this long stopped reading and is given
+    /// up on; `None` = never.
+    pub(crate) write: Option<Duration>,
 }
 
 /// One `[[route]]`: which requests it takes and where they go.
@@ -439,6 +443,7 @@ impl Config {
                 idle: None,
                 ping_interval: None,
                 pong_timeout: DEFAULT_PONG_TIMEOUT,
+                write: Some(DEFAULT_WRITE_TIMEOUT),
             },
             vec![Route {
                 host: None,
@@ -563,6 +568,7 @@ struct RawTimeouts {
     idle: Option<DurationText>,
     ping_interval: Option<DurationText>,
     pong_timeout: Option<DurationText>,
+    write: Option<DurationText>,
 }
 
 #[derive(Deserialize, Default)]
@@ -873,6 +879,8 @@ impl RawTimeouts {
                 self.pong_timeout.as_ref(),
                 DEFAULT_PONG_TIMEOUT,
             ),
+            write: Some(p.duration("timeouts.write", self.write.as_ref(), DEFAULT_WRITE_TIMEOUT))
+                .filter(|d| !d.is_zero()),
         }
     }
 }
@@ -1268,6 +1276,7 @@ mod tests {
                 idle: None,
                 ping_interval: None,
                 pong_timeout: Duration::from_secs(10),
+                write: Some(Duration::from_secs(30)),
             }
         );
 
@@ -1351,7 +1360,7 @@ mod tests {
         let c = Config::from_toml(&with(
             "[[route]]\nupstream = \"a\"\n[upstream.a]\nbackends = [\"ws://127.0.0.1:1\"]\n\
              eject_after = 0\n[upstream.unused]\nbackends = [\"ws://127.0.0.1:2\"]\n\
-             [timeouts]\nconnect = 7\nidle = \"90s\"\nping_interval = \"250ms\"\n",
+             [timeouts]\nconnect = 7\nidle = \"90s\"\nping_interval = \"250ms\"\nwrite = \"0s\"\n",
         ))
         .unwrap();
         let a = &c.pools[0];
@@ -1362,6 +1371,7 @@ mod tests {
         assert_eq!(c.timeouts.connect, Duration::from_secs(7));
         assert_eq!(c.timeouts.idle, Some(Duration::from_secs(90)));
         assert_eq!(c.timeouts.ping_interval, Some(Duration::from_millis(250)));
+        assert_eq!(c.timeouts.write, None, "0 = never");
     }
 
     #[test]

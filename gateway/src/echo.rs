@@ -2,7 +2,7 @@
 //! itself, frame by frame (never buffering a message), validating like any leg.
 //!
 //! It is what `cargo run -p gateway` serves and what the client leg is benchmarked with.
-//! Keepalive, drain and the close timeout work as on a proxied connection.
+//! Keepalive, drain, the write timeout and the close timeout work as on a proxied connection.
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
@@ -15,7 +15,7 @@ use codec::frame::Role;
 
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
-use crate::leg::{Alarm, Leg, keepalive_tick};
+use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::relay::{MIN_READ, Outcome, Settings};
@@ -34,6 +34,8 @@ pub(crate) async fn serve(
     let echo = echo(&leg, input, &settings, &gateway_closed, metrics);
     tokio::pin!(echo);
     let mut outcome = tokio::select! {
+        // The echo first: the watchdog's timer relies on seeing the writes it starts.
+        biased;
         outcome = &mut echo => outcome,
         () = watchdog(&leg, &settings, drain, &gateway_closed) => {
             leg.stream.shutdown(Shutdown::Both);
@@ -46,17 +48,28 @@ pub(crate) async fn serve(
     if let Some(code) = gateway_closed.get() {
         outcome.close_code = Some(code);
         outcome.closed_by = Some("gateway");
+    } else if leg.aborted() {
+        // The client stopped reading: no close frame could reach it (1006 in the log).
+        outcome.close_code = None;
+        outcome.closed_by = Some("gateway");
     }
     outcome
 }
 
-/// Keepalive and drain while the client is active, then the close timeout.
+/// The write timeout, keepalive and drain while the client is active, then the close timeout.
 async fn watchdog(leg: &Leg, settings: &Settings, drain: &Drain, closed: &Cell<Option<CloseCode>>) {
+    let (keepalive, write) = (&settings.keepalive, settings.write_timeout);
+    let legs = [leg];
+    let mut ticker = Ticker::default();
     let close = loop {
         tokio::select! {
             code = drain.wait() => break ControlPayload::close(code, Drain::reason(code)),
-            () = settings.keepalive.next_tick() => {
-                match Box::pin(keepalive_tick(&[leg], &settings.keepalive)).await {
+            () = ticker.tick(settings, || leg.write_pending()) => {
+                // A client given up on fails the echo's write or read, which ends it.
+                if abort_stalled(&legs, write) || !keepalive.enabled() {
+                    continue;
+                }
+                match Box::pin(bounded(&legs, write, keepalive_tick(&legs, keepalive))).await {
                     None => {}
                     Some(Alarm::Idle) => {
                         break ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout");
@@ -70,7 +83,7 @@ async fn watchdog(leg: &Leg, settings: &Settings, drain: &Drain, closed: &Cell<O
     };
     if !leg.close_sent.get() {
         closed.set(close.close_code());
-        leg.send_close(&close).await;
+        Box::pin(bounded(&legs, write, leg.send_close(&close))).await;
     }
     tokio::time::sleep(settings.close_timeout).await;
 }
