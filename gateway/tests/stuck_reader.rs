@@ -220,7 +220,7 @@ async fn drain_does_not_wait_for_a_client_that_stopped_reading() {
     }
     let told = started.elapsed();
     assert!(
-        told < Duration::from_millis(500),
+        told < Duration::from_secs(1),
         "healthy clients told after {told:?}"
     );
     for c in &mut healthy {
