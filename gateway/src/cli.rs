@@ -10,7 +10,8 @@ use crate::config::{
     Config, ConfigError, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_MESSAGE,
-    DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT, DEFAULT_WRITE_BUFFER, DurationText, ECHO,
+    DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT, DEFAULT_WRITE_BUFFER, DEFAULT_WRITE_TIMEOUT,
+    DurationText, ECHO,
 };
 
 /// Where the shorthand listens unless told (a file must name its listeners).
@@ -86,6 +87,12 @@ pub(crate) struct Args {
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_PONG_TIMEOUT.into())]
     pong_timeout: DurationText,
 
+    /// A peer that takes no bytes for this long while a write to it is pending stopped
+    /// reading: its socket is shut and the other peer told (1001 to the backend of a stuck
+    /// client, 1011 to the client of a stuck backend). 0 turns it off.
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_WRITE_TIMEOUT.into())]
+    write_timeout: DurationText,
+
     /// Close connections (1001) on which neither side sent anything for this long; pongs
     /// count, so with pings on, quiet but healthy connections stay. 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_IDLE_TIMEOUT.into())]
@@ -139,6 +146,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("timeouts.idle", "--idle-timeout"),
     ("timeouts.ping_interval", "--ping-interval"),
     ("timeouts.pong_timeout", "--pong-timeout"),
+    ("timeouts.write", "--write-timeout"),
     ("upstream.default.backends", "--backend"),
 ];
 
@@ -243,6 +251,7 @@ impl Args {
         timeouts["idle"] = text(&self.idle_timeout);
         timeouts["ping_interval"] = text(&self.ping_interval);
         timeouts["pong_timeout"] = text(&self.pong_timeout);
+        timeouts["write"] = text(&self.write_timeout);
 
         let mut route = Table::new();
         let mut doc = Table::new();

@@ -36,6 +36,7 @@ pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::ZERO;
 /// Zero: off.
 pub(crate) const DEFAULT_PING_INTERVAL: Duration = Duration::ZERO;
 pub(crate) const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_EJECT_AFTER: u32 = 3;
 const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(30);
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -213,6 +214,9 @@ pub(crate) struct Timeouts {
     pub(crate) ping_interval: Option<Duration>,
     /// A leg that does not answer a ping in time is dead.
     pub(crate) pong_timeout: Duration,
+    /// A peer whose pending write moves no bytes for this long stopped reading and is given
+    /// up on; `None` = never.
+    pub(crate) write: Option<Duration>,
 }
 
 /// One `[[route]]`: which requests it takes and where they go.
@@ -531,6 +535,7 @@ struct RawTimeouts {
     idle: Option<DurationText>,
     ping_interval: Option<DurationText>,
     pong_timeout: Option<DurationText>,
+    write: Option<DurationText>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1092,6 +1097,8 @@ impl RawTimeouts {
                 self.pong_timeout.as_ref(),
                 DEFAULT_PONG_TIMEOUT,
             ),
+            write: Some(p.duration("timeouts.write", self.write.as_ref(), DEFAULT_WRITE_TIMEOUT))
+                .filter(|d| !d.is_zero()),
         }
     }
 }
@@ -1488,6 +1495,7 @@ mod tests {
                 idle: None,
                 ping_interval: None,
                 pong_timeout: Duration::from_secs(10),
+                write: Some(Duration::from_secs(30)),
             }
         );
 
@@ -1561,6 +1569,7 @@ mod tests {
                 idle: None,
                 ping_interval: None,
                 pong_timeout: DEFAULT_PONG_TIMEOUT,
+                write: Some(DEFAULT_WRITE_TIMEOUT),
             }
         );
         assert_eq!(c.server.log_format, LogFormat::Text);
@@ -1577,7 +1586,7 @@ mod tests {
         let c = Config::from_toml(&with(
             "[[route]]\nupstream = \"a\"\n[upstream.a]\nbackends = [\"ws://127.0.0.1:1\"]\n\
              eject_after = 0\n[upstream.unused]\nbackends = [\"ws://127.0.0.1:2\"]\n\
-             [timeouts]\nconnect = 7\nidle = \"90s\"\nping_interval = \"250ms\"\n",
+             [timeouts]\nconnect = 7\nidle = \"90s\"\nping_interval = \"250ms\"\nwrite = \"0s\"\n",
         ))
         .unwrap();
         let a = &c.pools[0];
@@ -1588,6 +1597,7 @@ mod tests {
         assert_eq!(c.timeouts.connect, Duration::from_secs(7));
         assert_eq!(c.timeouts.idle, Some(Duration::from_secs(90)));
         assert_eq!(c.timeouts.ping_interval, Some(Duration::from_millis(250)));
+        assert_eq!(c.timeouts.write, None, "0 = never");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use codec::handshake::{
 use crate::admission::{Admitted, Refusal};
 use crate::balance::ActiveGuard;
 use crate::config::{Route, Upstream};
-use crate::keepalive::Keepalive;
+use crate::keepalive::{Keepalive, WriteTimeout};
 use crate::relay::{MIN_READ, Outcome, Relay, Settings};
 use crate::reload::Generation;
 use crate::upstream::{Target, UpstreamError};
@@ -230,6 +230,7 @@ fn settings(generation: &Generation) -> Settings {
             pong_timeout: t.pong_timeout,
             idle: t.idle.unwrap_or(Duration::ZERO),
         },
+        write_timeout: WriteTimeout::new(t.write.unwrap_or(Duration::ZERO)),
         buffer: generation.config.global_limits.write_buffer.max(MIN_READ),
         limits: generation.config.global_limits.message,
         deflate: false,

@@ -2,12 +2,14 @@
 //! itself, frame by frame (never buffering a message), validating like any leg.
 //!
 //! It is what `cargo run -p gateway` serves and what the client leg is benchmarked with.
-//! Keepalive, drain and the close timeout work as on a proxied connection.
+//! Keepalive, drain, the write timeout and the close timeout work as on a proxied connection.
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
+use std::future::Future as _;
 use std::net::Shutdown;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use codec::CloseCode;
@@ -15,7 +17,7 @@ use codec::frame::Role;
 
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
-use crate::leg::{Alarm, Leg, keepalive_tick};
+use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::relay::{MIN_READ, Outcome, Settings};
@@ -34,39 +36,60 @@ pub(crate) async fn serve(
     // close handshake).
     let gateway_closed = Cell::new(None);
     let echo = echo(&leg, input, &settings, &gateway_closed, metrics);
-    tokio::pin!(echo);
+    let watchdog = watchdog(&leg, &settings, drain, &gateway_closed);
+    tokio::pin!(echo, watchdog);
     let mut outcome = tokio::select! {
-        // The watchdog first: a close it sent is counted when its write completes, which must
-        // not be lost when the client's answer, completing the same poll, ends the echo.
+        // The echo first: the watchdog's timer relies on seeing the writes it starts.
         biased;
-        () = watchdog(&leg, &settings, drain, &gateway_closed) => {
+        outcome = &mut echo => {
+            // One last poll of the watchdog: a close frame it sent is counted when its write
+            // completes, and that completion may have arrived in the same wake-up as the
+            // client's answer that ended the echo.
+            std::future::poll_fn(|cx| {
+                let _still_waiting = watchdog.as_mut().poll(cx);
+                Poll::Ready(())
+            })
+            .await;
+            outcome
+        }
+        () = &mut watchdog => {
             leg.stream.shutdown(Shutdown::Both);
             let mut outcome = echo.await;
             outcome.timed_out = true;
             outcome
         }
-        outcome = &mut echo => outcome,
     };
     leg.stream.shutdown(Shutdown::Both);
     if let Some((code, _)) = gateway_closed.get() {
         outcome.close_code = Some(code);
         outcome.closed_by = Some("gateway");
+    } else if leg.aborted() {
+        // The client stopped reading: no close frame could reach it (1006 in the log).
+        outcome.close_code = None;
+        outcome.closed_by = Some("gateway");
     }
     outcome
 }
 
-/// Keepalive and drain while the client is active, then the close timeout.
+/// The write timeout, keepalive and drain while the client is active, then the close timeout.
 async fn watchdog(
     leg: &Leg,
     settings: &Settings,
     drain: &Drain,
     closed: &Cell<Option<(CloseCode, Instant)>>,
 ) {
+    let (keepalive, write) = (&settings.keepalive, settings.write_timeout);
+    let legs = [leg];
+    let mut ticker = Ticker::default();
     let close = loop {
         tokio::select! {
             code = drain.wait() => break ControlPayload::close(code, Drain::reason(code)),
-            () = settings.keepalive.next_tick() => {
-                match Box::pin(keepalive_tick(&[leg], &settings.keepalive)).await {
+            () = ticker.tick(settings, || leg.write_pending()) => {
+                // A client given up on fails the echo's write or read, which ends it.
+                if abort_stalled(&legs, write) || !keepalive.enabled() {
+                    continue;
+                }
+                match Box::pin(bounded(&legs, write, keepalive_tick(&legs, keepalive))).await {
                     None => {}
                     Some(Alarm::Idle) => {
                         break ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout");
@@ -80,7 +103,7 @@ async fn watchdog(
     };
     if !leg.close_sent.get() {
         closed.set(close.close_code().map(|code| (code, Instant::now())));
-        leg.send_close(&close).await;
+        Box::pin(bounded(&legs, write, leg.send_close(&close))).await;
     }
     tokio::time::sleep(settings.close_timeout).await;
 }

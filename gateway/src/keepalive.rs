@@ -1,7 +1,9 @@
-//! Keepalive and idle decisions: when to ping a leg, when a leg is dead, when a connection
-//! is idle. Pure functions of timestamps, so the policy is testable without sockets.
+//! Keepalive, idle and write-timeout decisions: when to ping a leg, when a leg is dead, when
+//! a connection is idle, when a blocked write means its peer is gone. Pure functions of
+//! timestamps, so the policy is testable without sockets.
 #![forbid(unsafe_code)]
 
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 /// The keepalive settings of a connection (zero durations switch a feature off).
@@ -30,16 +32,6 @@ impl Keepalive {
     /// Whether any timer is needed at all.
     pub(crate) fn enabled(&self) -> bool {
         !self.ping_interval.is_zero() || !self.idle.is_zero()
-    }
-
-    /// Waits one tick; never ends when keepalive is off. The timer is boxed and made only
-    /// when needed: inline, it would take room in every idle connection's watchdog.
-    pub(crate) async fn next_tick(&self) {
-        if self.enabled() {
-            Box::pin(tokio::time::sleep(self.tick())).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
     }
 
     /// How often the timer should wake: often enough to honour every deadline within a
@@ -85,6 +77,59 @@ impl Keepalive {
     pub(crate) fn is_idle(&self, now: Instant, latest: Instant) -> bool {
         !self.idle.is_zero() && now.saturating_duration_since(latest) >= self.idle
     }
+}
+
+/// How long a write may move no bytes before its peer is taken for dead (it stopped reading):
+/// whole milliseconds, 0 = never. Four bytes rather than a `Duration`: every connection keeps
+/// a copy in its settings, where it fits in padding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct WriteTimeout(u32);
+
+impl WriteTimeout {
+    /// `timeout`, to the millisecond, at most `u32::MAX` ms (49 days); zero means never.
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX))
+    }
+
+    /// Whether writes are timed at all.
+    pub(crate) fn enabled(self) -> bool {
+        self.0 != 0
+    }
+
+    /// Whether a write that last moved bytes at `stamp` (a [`clock_ms`] reading) has been
+    /// stuck for the timeout at `now`.
+    pub(crate) fn expired(self, now: u32, stamp: u32) -> bool {
+        self.enabled() && now.wrapping_sub(stamp) >= self.0
+    }
+
+    /// How often a watchdog checks pending writes: a quarter of the timeout (at least 10 ms),
+    /// so a stuck write is cut within 1.25 timeouts.
+    pub(crate) fn tick(self) -> Duration {
+        (Duration::from_millis(u64::from(self.0)) / 4).max(Duration::from_millis(10))
+    }
+}
+
+/// The watchdog's tick period: the keepalive's, or the write timeout's while a write is
+/// pending (`writing`), whichever is shorter; `None` when no timer is needed.
+pub(crate) fn tick_period(
+    keepalive: &Keepalive,
+    write: WriteTimeout,
+    writing: bool,
+) -> Option<Duration> {
+    let keep = keepalive.enabled().then(|| keepalive.tick());
+    let write = (writing && write.enabled()).then(|| write.tick());
+    match (keep, write) {
+        (Some(k), Some(w)) => Some(k.min(w)),
+        (k, w) => k.or(w),
+    }
+}
+
+/// Milliseconds since the process first asked, in 32 bits: a write's "last moved bytes" stamp
+/// fits in a leg's padding this way. It wraps after 49 days; only differences far shorter
+/// than that (a write timeout) are ever taken, with wrapping arithmetic.
+pub(crate) fn clock_ms() -> u32 {
+    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+    EPOCH.elapsed().as_millis() as u32
 }
 
 #[cfg(test)]
@@ -134,5 +179,36 @@ mod tests {
         assert!(!both.is_idle(t0 + 31 * S, t0 + 21 * S));
         assert!(both.enabled() && !Keepalive::default().enabled());
         assert_eq!(both.tick(), Duration::from_millis(1250));
+    }
+
+    #[test]
+    fn write_timeout_counts_from_the_last_progress_and_wraps() {
+        let wt = WriteTimeout::new(Duration::from_secs(2));
+        assert!(!wt.expired(1_999, 0) && wt.expired(2_000, 0));
+        // Stamps wrap after 49 days; the difference still comes out right.
+        assert!(!wt.expired(500, u32::MAX - 1_000) && wt.expired(1_000, u32::MAX - 1_000));
+        let never = WriteTimeout::new(Duration::ZERO);
+        assert!(!never.enabled() && !never.expired(u32::MAX, 0));
+        assert_eq!(WriteTimeout::new(Duration::MAX), WriteTimeout(u32::MAX));
+        assert_eq!(wt.tick(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn the_tick_runs_only_when_something_needs_it() {
+        let wt = WriteTimeout::new(Duration::from_secs(30));
+        let off = Keepalive::default();
+        assert_eq!(tick_period(&off, wt, false), None);
+        assert_eq!(
+            tick_period(&off, wt, true),
+            Some(Duration::from_millis(7500))
+        );
+        assert_eq!(tick_period(&off, WriteTimeout::default(), true), None);
+        let pings = Keepalive {
+            ping_interval: 4 * S,
+            pong_timeout: 2 * S,
+            idle: Duration::ZERO,
+        };
+        assert_eq!(tick_period(&pings, wt, false), Some(S / 2));
+        assert_eq!(tick_period(&pings, WriteTimeout::new(S), true), Some(S / 4));
     }
 }

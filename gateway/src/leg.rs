@@ -1,24 +1,34 @@
 //! One peer's socket, with what it takes for several tasks of a connection to write to it
-//! without breaking frames apart.
+//! without breaking frames apart, and for a watchdog to time those writes.
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use codec::frame::{OpCode, write_frame};
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 
 use crate::forward::{ControlPayload, Forwarder};
-use crate::keepalive::{Keepalive, Verdict};
+use crate::keepalive::{Keepalive, Verdict, WriteTimeout, clock_ms, tick_period};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics};
+use crate::relay::Settings;
 use crate::uring::Stream;
 
 /// The payload of the gateway's own keepalive pings; a pong carrying it answers the gateway,
 /// so it is absorbed rather than relayed.
 pub(crate) const KEEPALIVE_PAYLOAD: &[u8] = b"wsgate-keepalive";
+
+/// `Leg::write_clock` when no write is pending.
+const NOT_WRITING: u32 = 0;
+/// `Leg::write_clock` once the leg was given up on (see [`Leg::abort`]).
+const ABORTED: u32 = u32::MAX;
 
 /// A peer of a connection.
 pub(crate) struct Leg {
@@ -27,7 +37,8 @@ pub(crate) struct Leg {
     /// A task is writing a frame to this peer.
     busy: Cell<bool>,
     idle: Notify,
-    /// A close frame was written to this peer: nothing more may follow it.
+    /// A close frame was written to this peer, or it was given up on: nothing more may
+    /// follow.
     pub(crate) close_sent: Cell<bool>,
     /// The bytes written to this peer stop inside a frame: a close frame cannot follow.
     pub(crate) partial: Cell<bool>,
@@ -35,6 +46,9 @@ pub(crate) struct Leg {
     pub(crate) last_seen: Cell<Instant>,
     /// When the gateway last pinged this peer.
     pub(crate) pinged: Cell<Option<Instant>>,
+    /// [`NOT_WRITING`], [`ABORTED`], or when the pending write last moved bytes (a
+    /// [`clock_ms`] stamp). Four bytes, so the leg stays the size it was.
+    write_clock: Cell<u32>,
     metrics: Arc<CoreMetrics>,
 }
 
@@ -49,7 +63,61 @@ impl Leg {
             partial: Cell::new(false),
             last_seen: Cell::new(Instant::now()),
             pinged: Cell::new(None),
+            write_clock: Cell::new(NOT_WRITING),
             metrics,
+        }
+    }
+
+    /// When the pending write last moved bytes; `None` when no write is pending.
+    fn write_stamp(&self) -> Option<u32> {
+        Some(self.write_clock.get()).filter(|&c| c != NOT_WRITING && c != ABORTED)
+    }
+
+    /// Whether a write to this peer is in flight.
+    pub(crate) fn write_pending(&self) -> bool {
+        self.write_stamp().is_some()
+    }
+
+    /// Whether the write timeout gave up on this peer.
+    pub(crate) fn aborted(&self) -> bool {
+        self.write_clock.get() == ABORTED
+    }
+
+    /// Starts (or restarts) the pending write's clock, unless the peer was given up on.
+    fn write_moved(&self) {
+        if !self.aborted() {
+            // The two reserved values are never a stamp; being 1 ms off does not matter.
+            self.write_clock
+                .set(clock_ms().clamp(NOT_WRITING + 1, ABORTED - 1));
+        }
+    }
+
+    /// Gives up on this peer: its write made no progress for the write timeout, so it stopped
+    /// reading. Nothing more is written to it, and shutting the socket down ends the blocked
+    /// write (and any read) with an error, so whoever waits on them moves on. A write cannot
+    /// simply be dropped instead: io_uring may still own its buffer.
+    pub(crate) fn abort(&self) {
+        self.write_clock.set(ABORTED);
+        self.close_sent.set(true);
+        self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Writes the first `len` bytes of `buf` with the write clock running: it starts now and
+    /// restarts whenever bytes go out; the caller stops it with [`Self::write_ended`]. Not an
+    /// `async fn`: another layer of future would take room in every relay direction.
+    fn write_timed<'a>(
+        &'a self,
+        buf: &'a mut Vec<u8>,
+        len: usize,
+    ) -> impl Future<Output = std::io::Result<()>> + 'a {
+        self.write_moved();
+        self.stream.write_prefix(buf, len, || self.write_moved())
+    }
+
+    /// Stops the write clock started by [`Self::write_timed`].
+    fn write_ended(&self) {
+        if !self.aborted() {
+            self.write_clock.set(NOT_WRITING);
         }
     }
 
@@ -88,13 +156,14 @@ impl Leg {
             self.lock().await;
             *holding = true;
         }
-        if !discard
-            && !self.close_sent.get()
-            && let Err(e) = self.stream.write_prefix(buf, fwd.output_len()).await
-        {
-            self.unlock();
-            *holding = false;
-            return Err(e);
+        if !discard && !self.close_sent.get() {
+            let written = self.write_timed(buf, fwd.output_len()).await;
+            self.write_ended();
+            if let Err(e) = written {
+                self.unlock();
+                *holding = false;
+                return Err(e);
+            }
         }
         buf.drain(..fwd.flushed());
         self.partial.set(fwd.output_mid_frame());
@@ -127,8 +196,13 @@ impl Leg {
         self.unlock();
     }
 
-    /// Sends the gateway's keepalive ping, unless the peer was already sent a close.
+    /// Sends the gateway's keepalive ping, unless the peer was already sent a close. While
+    /// a frame is being written to the peer, the ping waits for a later tick rather than
+    /// behind that frame, which may never end (the write timeout deals with that).
     pub(crate) async fn send_ping(&self) {
+        if self.is_busy() {
+            return;
+        }
         self.pinged.set(Some(Instant::now()));
         self.lock().await;
         if !self.close_sent.get() && !self.partial.get() {
@@ -141,7 +215,107 @@ impl Leg {
         let mask = (self.side == Side::Backend).then(rand::random);
         let mut frame = Vec::with_capacity(2 + 4 + payload.len());
         write_frame(&mut frame, true, opcode, mask, payload);
-        self.stream.write_all(&mut frame).await
+        let len = frame.len();
+        let written = self.write_timed(&mut frame, len).await;
+        self.write_ended();
+        written
+    }
+}
+
+/// Gives up on each of `legs` whose pending write moved no bytes for the write timeout (see
+/// [`Leg::abort`]); says whether it gave up on any. What the other peer is told is up to the
+/// code that finds the leg gone (`Relay::on_gone`).
+pub(crate) fn abort_stalled(legs: &[&Leg], write: WriteTimeout) -> bool {
+    if !write.enabled() {
+        return false;
+    }
+    let now = clock_ms();
+    let mut any = false;
+    for leg in legs {
+        if leg
+            .write_stamp()
+            .is_some_and(|stamp| write.expired(now, stamp))
+        {
+            leg.abort();
+            any = true;
+        }
+    }
+    any
+}
+
+/// Runs `fut`, a write the watchdog makes itself (a ping, a close), while still holding `legs`
+/// to the write timeout: a stuck write is ended by giving up on its leg, so the watchdog never
+/// waits behind one for longer than the timeout.
+pub(crate) async fn bounded<F: Future>(legs: &[&Leg], write: WriteTimeout, fut: F) -> F::Output {
+    let guard = async {
+        let (mut ticker, off) = (Ticker::default(), Keepalive::default());
+        loop {
+            let writing = || legs.iter().any(|leg| leg.write_pending());
+            std::future::poll_fn(|cx| ticker.poll_tick(cx, &off, write, writing())).await;
+            abort_stalled(legs, write);
+        }
+    };
+    tokio::select! {
+        biased;
+        out = fut => out,
+        () = guard => unreachable!("the guard loops forever"),
+    }
+}
+
+/// A watchdog's timer, armed only while something needs it: keepalive, or a write pending on
+/// one of the legs. An idle connection without keepalive holds no timer at all.
+///
+/// Unarmed, a tick is `Pending` without arranging a wake-up. That is sound because a write
+/// starts while its connection's task is being polled, and every watchdog is polled after the
+/// code that writes (the `biased` selects in `Relay::run`, `echo::serve` and [`bounded`]):
+/// the poll that starts a write finds it pending and arms the timer. Once armed, the timer
+/// stays until it fires with nothing left to time, so a busy connection does not make a timer
+/// per write.
+#[derive(Default)]
+pub(crate) struct Ticker(Option<Pin<Box<Sleep>>>);
+
+impl Ticker {
+    /// Waits for the next tick; `writing` says whether a write to one of the connection's legs
+    /// is pending. Kept to three references: it is part of every idle watchdog.
+    pub(crate) fn tick<'a>(
+        &'a mut self,
+        settings: &'a Settings,
+        writing: impl Fn() -> bool + 'a,
+    ) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| {
+            self.poll_tick(cx, &settings.keepalive, settings.write_timeout, writing())
+        })
+    }
+
+    fn poll_tick(
+        &mut self,
+        cx: &mut Context<'_>,
+        keepalive: &Keepalive,
+        write: WriteTimeout,
+        writing: bool,
+    ) -> Poll<()> {
+        let Some(period) = tick_period(keepalive, write, writing) else {
+            // Nothing to time: let an armed timer run out, then drop it.
+            if let Some(sleep) = &mut self.0
+                && sleep.as_mut().poll(cx).is_ready()
+            {
+                self.0 = None;
+            }
+            return Poll::Pending;
+        };
+        let sleep = self
+            .0
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
+        if writing && keepalive.enabled() && period < keepalive.tick() {
+            // Armed for keepalive's longer period before this write began.
+            let soon = tokio::time::Instant::now() + period;
+            if sleep.deadline() > soon {
+                sleep.as_mut().reset(soon);
+            }
+        }
+        ready!(sleep.as_mut().poll(cx));
+        sleep.as_mut().reset(tokio::time::Instant::now() + period);
+        Poll::Ready(())
     }
 }
 

@@ -5,7 +5,9 @@
 //! start of a frame to its end, so a close frame or ping sent by another task never lands
 //! inside a frame. Buffers are bounded per direction: a pump does not read again until its
 //! last batch is written, so a slow reader stalls only its own connection. A watchdog beside
-//! the pumps runs keepalive, drain and the close timeout.
+//! the pumps runs keepalive, drain, the write timeout and the close timeout; it never waits
+//! behind a pump's write (a peer that stops reading blocks one for as long as it likes), and
+//! its own writes are cut off by the write timeout too.
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
@@ -19,8 +21,8 @@ use tokio::sync::Notify;
 
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
-use crate::keepalive::Keepalive;
-use crate::leg::{Alarm, Leg, keepalive_tick};
+use crate::keepalive::{Keepalive, WriteTimeout};
+use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick};
 use crate::lifecycle::{Lifecycle, OnClose, Side};
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::uring::Stream;
@@ -38,6 +40,9 @@ pub(crate) struct Settings {
     pub(crate) close_timeout: Duration,
     /// Pings, pong deadline, idle timeout.
     pub(crate) keepalive: Keepalive,
+    /// A peer whose pending write moves no bytes for this long stopped reading: it is given
+    /// up on.
+    pub(crate) write_timeout: WriteTimeout,
     /// Bytes buffered per direction at most: the largest read, and the largest incomplete
     /// frame held back before it streams on.
     pub(crate) buffer: usize,
@@ -113,6 +118,11 @@ impl Relay {
         }
     }
 
+    /// Both legs, for the watchdog's checks.
+    fn legs(&self) -> [&Leg; 2] {
+        [&self.client, &self.backend]
+    }
+
     fn leg(&self, side: Side) -> &Leg {
         match side {
             Side::Client => &self.client,
@@ -151,6 +161,8 @@ impl Relay {
         let pumps = async { tokio::join!(self.pump(Side::Client), self.pump(Side::Backend)) };
         tokio::pin!(pumps);
         let (a, b) = tokio::select! {
+            // Pumps first: the watchdog's timer relies on seeing the writes they start.
+            biased;
             done = &mut pumps => done,
             () = self.watchdog(drain) => {
                 // Reads and writes in flight complete (with EOF or EPIPE) once the sockets
@@ -168,18 +180,26 @@ impl Relay {
         outcome
     }
 
-    /// While the connection is open: keepalive pings and verdicts, and the drain signal.
-    /// Once it is closing: the close timeout, after which a peer still waiting for a reply
-    /// gets one from the gateway. Returns when the sockets should be shut down.
+    /// While the connection is open: the write timeout, keepalive pings and verdicts, and the
+    /// drain signal. Once it is closing: the close timeout, after which a peer still waiting
+    /// for a reply gets one from the gateway. Returns when the sockets should be shut down.
     async fn watchdog(&self, drain: &Drain) {
-        let keepalive = &self.settings.keepalive;
+        // Locals here live in every idle connection: the timer is the only one.
+        let mut ticker = Ticker::default();
         while self.lifecycle.get().is_open() {
             tokio::select! {
                 () = self.closing.notified() => {}
                 code = drain.wait() => Box::pin(self.gateway_close(GatewayClose::Drain(code))).await,
-                () = keepalive.next_tick() => {
-                    let legs = [&self.client, &self.backend];
-                    if let Some(alarm) = Box::pin(keepalive_tick(&legs, keepalive)).await {
+                () = ticker.tick(&self.settings, || self.legs().iter().any(|l| l.write_pending())) => {
+                    let (legs, write) = (self.legs(), self.settings.write_timeout);
+                    let keepalive = &self.settings.keepalive;
+                    // A leg given up on fails its pumps' reads and writes: `on_gone` tells the
+                    // other peer.
+                    if abort_stalled(&legs, write) || !keepalive.enabled() {
+                        continue;
+                    }
+                    let alarm = Box::pin(bounded(&legs, write, keepalive_tick(&legs, keepalive)));
+                    if let Some(alarm) = alarm.await {
                         Box::pin(self.gateway_close(GatewayClose::Keepalive(alarm))).await;
                     }
                 }
@@ -199,12 +219,15 @@ impl Relay {
             let leg = self.leg(side);
             if !leg.is_busy() {
                 let reply = ControlPayload::close(CloseCode::BAD_GATEWAY, "close timeout");
-                Box::pin(leg.send_close(&reply)).await;
+                let write = self.settings.write_timeout;
+                Box::pin(bounded(&self.legs(), write, leg.send_close(&reply))).await;
             }
         }
     }
 
-    /// Closes both peers on the gateway's own initiative; their replies are absorbed.
+    /// Closes both peers on the gateway's own initiative; their replies are absorbed. The two
+    /// close frames go out side by side, so a peer that stopped reading (cut off by the write
+    /// timeout) does not hold up the other's.
     async fn gateway_close(&self, why: GatewayClose) {
         if !self.lifecycle.get().is_open() {
             return;
@@ -229,12 +252,17 @@ impl Relay {
         };
         self.record_close(to_client.close_code(), "gateway");
         self.set_lifecycle(Lifecycle::Failed);
-        self.client.send_close(&to_client).await;
-        self.backend.send_close(&to_backend).await;
-        if let GatewayClose::Keepalive(Alarm::Dead(side)) = why {
-            // Half-open: nothing will come back from it.
-            self.leg(side).stream.shutdown(Shutdown::Both);
-        }
+        let dead = match why {
+            GatewayClose::Keepalive(Alarm::Dead(side)) => Some(side),
+            GatewayClose::Drain(_) | GatewayClose::Keepalive(Alarm::Idle) => None,
+        };
+        let both = async {
+            tokio::join!(
+                close_leg(&self.client, &to_client, dead),
+                close_leg(&self.backend, &to_backend, dead)
+            )
+        };
+        bounded(&self.legs(), self.settings.write_timeout, both).await;
     }
 
     /// Pumps frames from `from` to the other side; returns the payload bytes forwarded.
@@ -358,15 +386,18 @@ impl Relay {
         self.drain_socket(violator).await;
     }
 
-    /// `side` went away (EOF or an I/O error) without a close frame.
+    /// `side` went away (EOF or an I/O error) without a close frame, or the write timeout
+    /// gave up on it (it stopped reading): then the other peer hears of it as of a dead peer.
     async fn on_gone(&self, side: Side) {
         let lifecycle = self.lifecycle.get();
         let other_waits = matches!(lifecycle, Lifecycle::Closing(waiting) if waiting != side);
         if lifecycle.is_open() || other_waits {
             self.set_lifecycle(Lifecycle::Failed);
-            let (code, reason) = match side {
-                Side::Client => (CloseCode::GOING_AWAY, "client went away"),
-                Side::Backend => (CloseCode::BAD_GATEWAY, "backend went away"),
+            let (code, reason) = match (side, self.leg(side).aborted()) {
+                (Side::Client, false) => (CloseCode::GOING_AWAY, "client went away"),
+                (Side::Backend, false) => (CloseCode::BAD_GATEWAY, "backend went away"),
+                (Side::Client, true) => (CloseCode::GOING_AWAY, "client stopped reading"),
+                (Side::Backend, true) => (CloseCode::INTERNAL_ERROR, "backend stopped reading"),
             };
             self.record_close(Some(code), "gateway");
             self.leg(side.other())
@@ -383,6 +414,15 @@ impl Relay {
         while let Ok(1..) = leg.stream.read_more(&mut sink, MIN_READ).await {
             sink.clear();
         }
+        leg.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// Sends `leg` the gateway's close; shuts its socket after it if it is the `dead` one.
+async fn close_leg(leg: &Leg, payload: &ControlPayload, dead: Option<Side>) {
+    leg.send_close(payload).await;
+    if dead == Some(leg.side) {
+        // Half-open: nothing will come back from it.
         leg.stream.shutdown(Shutdown::Both);
     }
 }

@@ -103,16 +103,22 @@ impl Stream {
 
     /// Writes all of `buf`, then clears it (keeping its capacity for the next batch).
     pub(crate) async fn write_all(&self, buf: &mut Vec<u8>) -> io::Result<()> {
-        let result = self.write_prefix(buf, buf.len()).await;
+        let result = self.write_prefix(buf, buf.len(), || {}).await;
         buf.clear();
         result
     }
 
-    /// Writes the first `len` bytes of `buf`, leaving `buf` as it was.
+    /// Writes the first `len` bytes of `buf`, leaving `buf` as it was; `on_progress` runs
+    /// after each single write that moved bytes (the relay's write timeout counts from it).
     ///
     /// A loop of single writes rather than tokio-uring's `write_all`: its nested futures are
     /// about 200 bytes larger, and every relay direction keeps room for one.
-    pub(crate) async fn write_prefix(&self, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    pub(crate) async fn write_prefix(
+        &self,
+        buf: &mut Vec<u8>,
+        len: usize,
+        mut on_progress: impl FnMut(),
+    ) -> io::Result<()> {
         let mut owned = std::mem::take(buf);
         let mut written = 0;
         let result = loop {
@@ -123,7 +129,10 @@ impl Stream {
             owned = slice.into_inner();
             match result {
                 Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
+                Ok(n) => {
+                    written += n;
+                    on_progress();
+                }
                 Err(e) => break Err(e),
             }
         };
