@@ -593,7 +593,7 @@ mod tests {
         assert!(body.contains("# TYPE wsgate_upgrades_total counter\n"));
         assert!(body.contains("\nwsgate_upgrades_total{status=\"101\"} 1\n"));
         assert!(body.contains(
-            "\nwsgate_backend_connect_failures_total{pool=\"default\",\
+            "\nwsgate_backend_connect_failures_total{upstream=\"default\",\
              backend=\"ws://127.0.0.1:9001\"} 3\n"
         ));
         // A query string is ignored; HEAD gets the head alone.

@@ -67,6 +67,8 @@ enum Session {
 struct LogLine {
     client: SocketAddr,
     path: String,
+    /// The route that took the request: `host/path_prefix`, or `path_prefix` for any host.
+    route: String,
     backend: String,
     started: Instant,
 }
@@ -161,7 +163,7 @@ async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Sess
             let mut out = Vec::new();
             e.write_response(&mut out);
             respond(&stream, core, e.http_status(), out).await;
-            tracing::info!(%client, status = e.http_status(), error = e.as_str(), "handshake refused");
+            tracing::info!(%client, status = e.http_status(), why = e.as_str(), "handshake refused");
             return None;
         }
         Ok(ClientHello::Gone(why)) => {
@@ -195,9 +197,11 @@ async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Sess
         return None;
     };
     if !route.allows_origin(req.header("Origin")) {
-        let origin = req.header("Origin").map(String::from_utf8_lossy);
+        let origin = req
+            .header("Origin")
+            .map_or("none".into(), String::from_utf8_lossy);
         let upstream = cfg.upstream_name(route.upstream);
-        tracing::info!(%client, path = req.path, upstream, origin = ?origin, "origin not allowed");
+        tracing::info!(%client, path = req.path, upstream, origin = &*origin, "origin not allowed");
         let out = plain(403, "Forbidden", "origin not allowed", "");
         respond(&stream, core, 403, out).await;
         return None;
@@ -268,6 +272,7 @@ impl Conn<'_> {
             },
             log: LogLine {
                 client: self.client,
+                route: route_name(self.route),
                 path: self.req.path,
                 backend: String::from("echo"),
                 started: self.started,
@@ -325,6 +330,7 @@ impl Conn<'_> {
             ),
             log: LogLine {
                 client: self.client,
+                route: route_name(self.route),
                 path: self.req.path,
                 backend: pool.backends[up.backend].to_string(),
                 started: self.started,
@@ -382,7 +388,7 @@ impl Conn<'_> {
         tracing::info!(
             client = %self.client,
             path = self.req.path,
-            pool = pool.name,
+            upstream = pool.name,
             backend,
             status,
             why = &*why,
@@ -473,6 +479,24 @@ fn plain(status: u16, reason: &str, body: &str, extra_headers: &str) -> Vec<u8> 
     .into_bytes()
 }
 
+/// A route as the access log names it.
+fn route_name(route: &Route) -> String {
+    match &route.host {
+        Some(host) => format!("{host}{}", route.path_prefix),
+        None => route.path_prefix.clone(),
+    }
+}
+
+/// The close code the access log shows, with RFC 6455's names for what has none on the
+/// wire: 1005 for a close frame without a code, 1006 for no close frame at all.
+fn log_close_code(o: &Outcome) -> u16 {
+    match (o.close_code, o.closed_by) {
+        (Some(code), _) => code.get(),
+        (None, Some("client" | "backend")) => 1005,
+        (None, _) => 1006,
+    }
+}
+
 impl LogLine {
     /// Writes the connection's access log line.
     fn write(&self, o: &Outcome) {
@@ -483,8 +507,10 @@ impl LogLine {
             duration_ms = self.started.elapsed().as_millis() as u64,
             bytes_in = o.bytes_in,
             bytes_out = o.bytes_out,
-            close_code = o.close_code.map_or(1006, codec::CloseCode::get),
+            route = self.route,
+            close_code = log_close_code(o),
             closed_by = o.closed_by.unwrap_or("gateway"),
+            close_reason = o.reason.unwrap_or("connection lost"),
             close_timeout = o.timed_out,
             "connection closed"
         );

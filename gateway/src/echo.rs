@@ -60,13 +60,15 @@ pub(crate) async fn serve(
         }
     };
     leg.stream.shutdown(Shutdown::Both);
-    if let Some((code, _)) = gateway_closed.get() {
-        outcome.close_code = Some(code);
+    if let Some(closed) = gateway_closed.get() {
+        outcome.close_code = Some(closed.code);
         outcome.closed_by = Some("gateway");
+        outcome.reason = Some(closed.reason);
     } else if leg.aborted() {
         // The client stopped reading: no close frame could reach it (1006 in the log).
         outcome.close_code = None;
         outcome.closed_by = Some("gateway");
+        outcome.reason = Some("client stopped reading");
     }
     outcome
 }
@@ -76,14 +78,14 @@ async fn watchdog(
     leg: &Leg,
     settings: &Settings,
     drain: &Drain,
-    closed: &Cell<Option<(CloseCode, Instant)>>,
+    closed: &Cell<Option<GatewayClosed>>,
 ) {
     let (keepalive, write) = (&settings.keepalive, settings.write_timeout);
     let legs = [leg];
     let mut ticker = Ticker::default();
-    let close = loop {
+    let (code, reason) = loop {
         tokio::select! {
-            code = drain.wait() => break ControlPayload::close(code, Drain::reason(code)),
+            code = drain.wait() => break (code, Drain::reason(code)),
             () = ticker.tick(settings, || leg.write_pending()) => {
                 // A client given up on fails the echo's write or read, which ends it.
                 if abort_stalled(&legs, write) || !keepalive.enabled() {
@@ -92,20 +94,35 @@ async fn watchdog(
                 match Box::pin(bounded(&legs, write, keepalive_tick(&legs, keepalive))).await {
                     None => {}
                     Some(Alarm::Idle) => {
-                        break ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout");
+                        break (CloseCode::GOING_AWAY, "idle timeout");
                     }
                     Some(Alarm::Dead(_)) => {
-                        break ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout");
+                        break (CloseCode::GOING_AWAY, "ping timeout");
                     }
                 }
             }
         }
     };
     if !leg.close_sent.get() {
-        closed.set(close.close_code().map(|code| (code, Instant::now())));
+        closed.set(Some(GatewayClosed {
+            code,
+            reason,
+            since: Instant::now(),
+        }));
+        let close = ControlPayload::close(code, reason);
         Box::pin(bounded(&legs, write, leg.send_close(&close))).await;
     }
     tokio::time::sleep(settings.close_timeout).await;
+}
+
+/// The gateway's own close of an echo connection, if it sent one first.
+#[derive(Clone, Copy)]
+struct GatewayClosed {
+    code: CloseCode,
+    /// Its reason text, for the access log.
+    reason: &'static str,
+    /// When it was sent: the start of the close handshake.
+    since: Instant,
 }
 
 /// The echo loop proper: what the client sends comes back, pings get pongs.
@@ -113,7 +130,7 @@ async fn echo(
     leg: &Leg,
     mut input: Vec<u8>,
     settings: &Settings,
-    closed: &Cell<Option<(CloseCode, Instant)>>,
+    closed: &Cell<Option<GatewayClosed>>,
     metrics: &CoreMetrics,
 ) -> Outcome {
     let mut fwd = Forwarder::new(Role::Server, settings.limits, false, Mode::Echo);
@@ -152,6 +169,7 @@ async fn echo(
                 );
                 outcome.close_code = code;
                 outcome.closed_by = Some("client");
+                outcome.reason = Some("client sent close");
                 client_close_at = Some(Instant::now());
                 // Echo the client's close payload back: the usual reply.
                 break Some(payload);
@@ -159,6 +177,7 @@ async fn echo(
             Step::Violation(e) => {
                 outcome.close_code = Some(e.close_code());
                 outcome.closed_by = Some("gateway");
+                outcome.reason = Some(e.as_str());
                 break Some(Box::new(ControlPayload::close(e.close_code(), e.as_str())));
             }
         }
@@ -166,6 +185,7 @@ async fn echo(
             Ok(0) | Err(_) => {
                 outcome.close_code = Some(CloseCode::ABNORMAL);
                 outcome.closed_by = Some("client");
+                outcome.reason = Some("client went away");
                 break None;
             }
             Ok(n) => {
@@ -182,7 +202,7 @@ async fn echo(
     if let Some(payload) = reply {
         let client_closed = outcome.closed_by == Some("client");
         match (client_close_at, closed.get()) {
-            (Some(answered), Some((_, since))) => {
+            (Some(answered), Some(GatewayClosed { since, .. })) => {
                 // The client answered the gateway's own close: the handshake is complete.
                 metrics.close_handshake(answered.saturating_duration_since(since));
             }

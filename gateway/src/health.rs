@@ -81,7 +81,7 @@ pub(crate) fn spawn(pools: Vec<Probed>, stop: Arc<AtomicBool>) -> Option<JoinHan
     std::thread::Builder::new()
         .name("gateway-health".to_owned())
         .spawn(move || run(checked, &stop))
-        .map_err(|e| tracing::error!(error = %e, "cannot start the health check thread"))
+        .map_err(|e| tracing::error!(why = %e, "cannot start the health check thread"))
         .ok()
 }
 
@@ -158,20 +158,20 @@ fn apply(checked: &mut Checked, index: usize, verdict: Result<(), String>) {
     if std::mem::replace(&mut checked.healthy[index], healthy) == healthy {
         return;
     }
-    let pool = checked.pool.name.as_str();
+    let upstream = checked.pool.name.as_str();
     let backend = checked.pool.backends[index].to_string();
     match verdict {
         Ok(()) => tracing::info!(
-            pool,
+            upstream,
             backend,
             healthy,
             "health probe passed: backend is back"
         ),
-        Err(reason) => tracing::warn!(
-            pool,
+        Err(why) => tracing::warn!(
+            upstream,
             backend,
             healthy,
-            reason,
+            why,
             "health probe failed: backend taken out of rotation"
         ),
     }

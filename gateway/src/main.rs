@@ -158,12 +158,14 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
     if let Some(addr) = admin_addr {
         start_admin(addr, &shared)?;
     }
+    let admin = admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         listen = %bound.join(","),
         cores,
-        backends = ?backends,
-        upstreams = ?upstreams,
-        admin = ?admin_addr,
+        backends = %backends.join(","),
+        upstreams = %upstreams.join(","),
+        admin = %admin,
+        nofile_limit = worker::nofile_limit(),
         "gateway listening"
     );
     if echo {
@@ -196,7 +198,11 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
     // `reload` logs its outcome itself, one line whichever way it was asked for.
     let code = signals.wait(&|| drop(shared.reload(Trigger::Signal)));
     shared.draining.store(true, Ordering::Relaxed);
-    tracing::info!(close_code = code.get(), drain_timeout = ?drain_timeout, "draining");
+    tracing::info!(
+        close_code = code.get(),
+        drain_timeout_ms = u64::try_from(drain_timeout.as_millis()).unwrap_or(u64::MAX),
+        "draining"
+    );
     // Workers exit once their connections are closed or the drain timeout passes.
     phase.send_replace(drain::Phase::Draining(code));
     for worker in workers {

@@ -518,7 +518,7 @@ fn render_backends(out: &mut String, backends: &BackendRows<'_>) {
     for (pool, backend, (_, n, _)) in &rows {
         _ = writeln!(
             out,
-            "{BACKEND_CONNECT_FAILURES}{{pool=\"{pool}\",backend=\"{backend}\"}} {n}"
+            "{BACKEND_CONNECT_FAILURES}{{upstream=\"{pool}\",backend=\"{backend}\"}} {n}"
         );
     }
     header(
@@ -531,7 +531,7 @@ fn render_backends(out: &mut String, backends: &BackendRows<'_>) {
         let n = u8::from(*healthy);
         _ = writeln!(
             out,
-            "{BACKEND_HEALTHY}{{pool=\"{pool}\",backend=\"{backend}\"}} {n}"
+            "{BACKEND_HEALTHY}{{upstream=\"{pool}\",backend=\"{backend}\"}} {n}"
         );
     }
     header(
@@ -729,11 +729,11 @@ mod tests {
         Metrics::new(1).render(&mut text, &rows);
         for line in [
             "# TYPE wsgate_backend_connect_failures_total counter",
-            r#"wsgate_backend_connect_failures_total{pool="chat",backend="ws://10.0.0.1:9001/chat"} 2"#,
-            r#"wsgate_backend_connect_failures_total{pool="we\"ird\\pool\nx",backend="ws://b"} 0"#,
+            r#"wsgate_backend_connect_failures_total{upstream="chat",backend="ws://10.0.0.1:9001/chat"} 2"#,
+            r#"wsgate_backend_connect_failures_total{upstream="we\"ird\\pool\nx",backend="ws://b"} 0"#,
             "# TYPE wsgate_backend_healthy gauge",
-            r#"wsgate_backend_healthy{pool="chat",backend="ws://10.0.0.1:9001/chat"} 1"#,
-            r#"wsgate_backend_healthy{pool="we\"ird\\pool\nx",backend="ws://b"} 0"#,
+            r#"wsgate_backend_healthy{upstream="chat",backend="ws://10.0.0.1:9001/chat"} 1"#,
+            r#"wsgate_backend_healthy{upstream="we\"ird\\pool\nx",backend="ws://b"} 0"#,
             "# TYPE wsgate_backend_probe_failures_total counter",
             r#"wsgate_backend_probe_failures_total{upstream="chat",backend="ws://10.0.0.1:9001/chat"} 1"#,
             r#"wsgate_backend_probe_failures_total{upstream="we\"ird\\pool\nx",backend="ws://b"} 0"#,

@@ -65,6 +65,9 @@ pub(crate) struct Outcome {
     pub(crate) bytes_out: u64,
     /// The close handshake did not finish within the close timeout.
     pub(crate) timed_out: bool,
+    /// Why the connection ended, in words (the gateway's close reason, or which peer
+    /// closed); `None`: the connection was lost without a close frame.
+    pub(crate) reason: Option<&'static str>,
 }
 
 /// Why the gateway closes a connection on its own (besides protocol violations).
@@ -144,11 +147,12 @@ impl Relay {
         }
     }
 
-    fn record_close(&self, code: Option<CloseCode>, by: &'static str) {
+    fn record_close(&self, code: Option<CloseCode>, by: &'static str, reason: &'static str) {
         let mut outcome = self.outcome.get();
         if outcome.closed_by.is_none() {
             outcome.close_code = code;
             outcome.closed_by = Some(by);
+            outcome.reason = Some(reason);
             self.outcome.set(outcome);
         }
     }
@@ -250,7 +254,13 @@ impl Relay {
                 ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout"),
             ),
         };
-        self.record_close(to_client.close_code(), "gateway");
+        let reason = match why {
+            GatewayClose::Drain(code) => Drain::reason(code),
+            GatewayClose::Keepalive(Alarm::Dead(Side::Client)) => "client stopped answering",
+            GatewayClose::Keepalive(Alarm::Dead(Side::Backend)) => "backend stopped answering",
+            GatewayClose::Keepalive(Alarm::Idle) => "idle timeout",
+        };
+        self.record_close(to_client.close_code(), "gateway", reason);
         self.set_lifecycle(Lifecycle::Failed);
         let dead = match why {
             GatewayClose::Keepalive(Alarm::Dead(side)) => Some(side),
@@ -333,7 +343,7 @@ impl Relay {
         match end {
             End::Close(payload) => Box::pin(self.on_close(from, &payload)).await,
             End::Violation(e) => {
-                self.record_close(Some(e.close_code()), "gateway");
+                self.record_close(Some(e.close_code()), "gateway", e.as_str());
                 self.set_lifecycle(Lifecycle::Failed);
                 Box::pin(self.fail(from, e.close_code(), e.as_str())).await;
             }
@@ -349,7 +359,11 @@ impl Relay {
         self.metrics
             .close_frame(from, CloseDirection::Received, code);
         self.set_lifecycle(next);
-        self.record_close(payload.close_code(), from.as_str());
+        let reason = match from {
+            Side::Client => "client sent close",
+            Side::Backend => "backend sent close",
+        };
+        self.record_close(payload.close_code(), from.as_str(), reason);
         if action != OnClose::Absorb {
             self.leg(from.other()).send_close(payload).await;
         }
@@ -399,7 +413,7 @@ impl Relay {
                 (Side::Client, true) => (CloseCode::GOING_AWAY, "client stopped reading"),
                 (Side::Backend, true) => (CloseCode::INTERNAL_ERROR, "backend stopped reading"),
             };
-            self.record_close(Some(code), "gateway");
+            self.record_close(Some(code), "gateway", reason);
             self.leg(side.other())
                 .send_close(&ControlPayload::close(code, reason))
                 .await;

@@ -5,7 +5,7 @@
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -115,7 +115,7 @@ async fn accept_loop(listener: Listener, core: Rc<Core>) {
                 // most), back off briefly, and keep serving the connections we have.
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
                     let limit = nofile_limit();
-                    tracing::warn!(error = %e, nofile_limit = limit, "accept failed (descriptor limit?)");
+                    tracing::warn!(why = %e, nofile_limit = limit, "accept failed");
                     last_warning = Some(Instant::now());
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -124,14 +124,18 @@ async fn accept_loop(listener: Listener, core: Rc<Core>) {
     }
 }
 
-/// The soft descriptor limit, read from /proc (no unsafe getrlimit needed).
-fn nofile_limit() -> String {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
+/// The soft descriptor limit, read from /proc once (no unsafe getrlimit needed) and kept:
+/// when it is reached, opening /proc/self/limits fails too.
+pub(crate) fn nofile_limit() -> &'static str {
+    static LIMIT: OnceLock<String> = OnceLock::new();
+    LIMIT.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+            })
+            .unwrap_or_else(|| "unreadable".to_owned())
+    })
 }

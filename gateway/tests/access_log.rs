@@ -33,6 +33,8 @@ async fn access_line_for_finished_connection() {
         "bytes_out",
         "close_code",
         "closed_by",
+        "route",
+        "close_reason",
     ] {
         assert!(field(&line, name).is_some(), "no {name}= in {line:?}");
     }
@@ -55,6 +57,8 @@ async fn access_line_for_finished_connection() {
     }
     assert_eq!(get("close_code"), "1000", "{line}");
     assert_eq!(get("closed_by"), "client", "{line}");
+    assert_eq!(get("route"), "/", "{line}");
+    assert_eq!(get("close_reason"), "client sent close", "{line}");
     let count = gw
         .stderr()
         .lines()
@@ -111,6 +115,9 @@ async fn access_line_names_gateway_as_closer_on_violation() {
     assert_eq!(field(&line, "closed_by"), Some("gateway"), "{line}");
 }
 
+/// How long the start line may take.
+const STARTUP_LINE: Duration = Duration::from_secs(5);
+
 /// A gateway process killed however the test ends.
 struct Killed(Child);
 
@@ -158,4 +165,39 @@ async fn unread_stderr_never_stalls_connections() {
     .await;
     drop(child);
     drop(stderr);
+}
+
+/// Log fields are plain text: no Rust `Debug` rendering (`Some(..)`, `[..]`) in the start line,
+/// and the JSON form's list fields are strings of comma-separated values, not `"[]"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_line_has_no_debug_text() {
+    let backend = EchoBackend::start().await;
+    let admin = common::free_addr().to_string();
+    let gw = Gateway::start(&["--backend", &backend.url(), "--admin", &admin]);
+    let line = gw
+        .wait_line(STARTUP_LINE, |l| l.contains("gateway listening"))
+        .await
+        .unwrap_or_else(|| panic!("no start line; stderr:\n{}", gw.stderr()));
+    assert!(!line.contains("Some("), "{line}");
+    assert!(!line.contains('['), "{line}");
+    assert_eq!(field(&line, "admin"), Some(admin.as_str()), "{line}");
+    assert_eq!(
+        field(&line, "backends"),
+        Some(backend.url().as_str()),
+        "{line}"
+    );
+    let limit = field(&line, "nofile_limit").unwrap_or_default();
+    assert!(
+        limit.parse::<u64>().is_ok() || limit == "unlimited",
+        "{line}"
+    );
+
+    let json = Gateway::start(&["--log-format", "json"]);
+    let line = json
+        .wait_line(STARTUP_LINE, |l| l.contains("gateway listening"))
+        .await
+        .unwrap_or_else(|| panic!("no start line; stderr:\n{}", json.stderr()));
+    let value: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(value["backends"], "", "{line}");
+    assert_eq!(value["admin"], "off", "{line}");
 }

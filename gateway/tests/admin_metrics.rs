@@ -51,7 +51,7 @@ fn close_frames(side: &str, direction: &str, code: impl std::fmt::Display) -> St
 }
 
 fn backend_series(name: &str, pool: &str, backend: SocketAddr) -> String {
-    format!("{name}{{pool=\"{pool}\",backend=\"ws://{backend}\"}}")
+    format!("{name}{{upstream=\"{pool}\",backend=\"ws://{backend}\"}}")
 }
 
 /// A gateway with an admin listener on a free port; returns it and the admin address.

@@ -203,7 +203,7 @@ async fn assert_counted(gw: &Gateway, admin: SocketAddr, backend: &TagBackend) {
     );
     assert_eq!(sample(&text, "wsgate_upgrades_total{status=\"502\"}"), 0);
     let series = format!(
-        "wsgate_backend_connect_failures_total{{pool=\"pool\",backend=\"{}\"}}",
+        "wsgate_backend_connect_failures_total{{upstream=\"pool\",backend=\"{}\"}}",
         backend.url()
     );
     assert_eq!(sample(&text, &series), 0, "counted against the backend");

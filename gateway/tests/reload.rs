@@ -356,10 +356,12 @@ async fn reload_keeps_the_state_of_unchanged_pools() {
         )
     };
     let failures = |backend: SocketAddr| {
-        format!("wsgate_backend_connect_failures_total{{pool=\"dead\",backend=\"ws://{backend}\"}}")
+        format!(
+            "wsgate_backend_connect_failures_total{{upstream=\"dead\",backend=\"ws://{backend}\"}}"
+        )
     };
     let healthy = |backend: SocketAddr| {
-        format!("wsgate_backend_healthy{{pool=\"dead\",backend=\"ws://{backend}\"}}")
+        format!("wsgate_backend_healthy{{upstream=\"dead\",backend=\"ws://{backend}\"}}")
     };
     let gw = ConfigGateway::start(&file("/", dead));
     assert_eq!(refusal(gw.addr, "/", "gw.test", &[]).await.0, 502);
