@@ -5,13 +5,12 @@
 
 pub mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::config::{ConfigGateway, TagBackend, TempConfig, greeting, preamble, refusal};
 use common::{
-    EchoBackend, STEP, close_frame, connect, drain_to_end, echo_then_close, expect_close,
-    raw_client, recv_data, send, within,
+    EchoBackend, close_frame, connect, drain_to_end, echo_then_close, expect_close, raw_client,
+    recv_data, send, within,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -214,34 +213,11 @@ async fn two_listeners_share_the_routes() {
 // Validation.
 // ---------------------------------------------------------------------------------------------
 
-/// Runs the gateway binary with `args` to its exit (killed after [`STEP`]); returns (exit code,
-/// stdout, stderr).
+/// Runs the gateway binary with `args` to its exit (killed after [`STEP`]: then the code is
+/// `None`); returns (exit code, stdout, stderr).
 fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the gateway binary");
-    let deadline = Instant::now() + STEP;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("collect output");
-            panic!(
-                "gateway {args:?} still running after {STEP:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().expect("collect output");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let exit = common::run_to_exit(args);
+    (exit.code, exit.stdout, exit.stderr)
 }
 
 #[test]
