@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
     match parse_request(data, &limits) {
         Ok(Some((req, consumed))) => {
             assert!(consumed <= data.len());
-            assert_eq!(normalize_target(&req.path).as_deref(), Ok(req.path.as_str()));
+            assert_eq!(
+                normalize_target(&req.path).as_deref(),
+                Ok(req.path.as_str())
+            );
             assert!(!req.path.contains("//") && !req.path.contains("/../"));
             assert!(is_valid_host(req.host.as_bytes()));
         }
