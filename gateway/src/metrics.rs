@@ -496,9 +496,7 @@ impl Metrics {
 }
 
 /// The backend families. Rows are collected first: each family's samples must be contiguous.
-///
-/// The probe-failure counter names the pool `upstream`, as the configuration does; the two
-/// older families keep `pool` so that existing dashboards and alerts still match.
+/// Every family labels the pool `upstream`, as the configuration names it.
 fn render_backends(out: &mut String, backends: &BackendRows<'_>) {
     let mut rows = Vec::new();
     backends(&mut |row| {
@@ -506,45 +504,39 @@ fn render_backends(out: &mut String, backends: &BackendRows<'_>) {
         escape_label(&mut pool, row.pool);
         let mut backend = String::new();
         escape_label(&mut backend, row.backend);
-        let counts = (row.healthy, row.connect_failures, row.probe_failures);
+        let counts = [
+            row.connect_failures,
+            u64::from(row.healthy),
+            row.probe_failures,
+        ];
         rows.push((pool, backend, counts));
     });
-    header(
-        out,
-        BACKEND_CONNECT_FAILURES,
-        "counter",
-        "Failed connects to a backend (refused, unreachable or timed out).",
-    );
-    for (pool, backend, (_, n, _)) in &rows {
-        _ = writeln!(
-            out,
-            "{BACKEND_CONNECT_FAILURES}{{upstream=\"{pool}\",backend=\"{backend}\"}} {n}"
-        );
-    }
-    header(
-        out,
-        BACKEND_HEALTHY,
-        "gauge",
-        "Whether a backend is considered healthy (1) or not (0).",
-    );
-    for (pool, backend, (healthy, _, _)) in &rows {
-        let n = u8::from(*healthy);
-        _ = writeln!(
-            out,
-            "{BACKEND_HEALTHY}{{upstream=\"{pool}\",backend=\"{backend}\"}} {n}"
-        );
-    }
-    header(
-        out,
-        BACKEND_PROBE_FAILURES,
-        "counter",
-        "Active health probes of a backend that failed (no valid 101 in time).",
-    );
-    for (pool, backend, (_, _, n)) in &rows {
-        _ = writeln!(
-            out,
-            "{BACKEND_PROBE_FAILURES}{{upstream=\"{pool}\",backend=\"{backend}\"}} {n}"
-        );
+    let families = [
+        (
+            BACKEND_CONNECT_FAILURES,
+            "counter",
+            "Failed connects to a backend (refused, unreachable or timed out).",
+        ),
+        (
+            BACKEND_HEALTHY,
+            "gauge",
+            "Whether a backend is considered healthy (1) or not (0).",
+        ),
+        (
+            BACKEND_PROBE_FAILURES,
+            "counter",
+            "Active health probes of a backend that failed (no valid 101 in time).",
+        ),
+    ];
+    for (i, (name, kind, help)) in families.into_iter().enumerate() {
+        header(out, name, kind, help);
+        for (pool, backend, counts) in &rows {
+            _ = writeln!(
+                out,
+                "{name}{{upstream=\"{pool}\",backend=\"{backend}\"}} {}",
+                counts[i]
+            );
+        }
     }
 }
 
