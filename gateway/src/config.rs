@@ -145,6 +145,25 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Why [`Config::load`] failed; the text starts with the file's path. Kept apart because an
+/// unreadable file is the host's problem and an invalid one the operator's (the admin plane
+/// answers 500 and 422).
+#[derive(Debug)]
+pub(crate) enum LoadError {
+    /// The file could not be read (missing, unreadable).
+    Unreadable(String),
+    /// The file was read but does not parse or validate: every problem, named.
+    Invalid(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreadable(why) | Self::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
 impl std::error::Error for ConfigError {}
 
 /// Everything the gateway runs with; built once and shared read-only by all cores.
@@ -413,10 +432,11 @@ impl Config {
     }
 
     /// [`Config::from_toml`] on a file; the error starts with the file's path.
-    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, LoadError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+            .map_err(|e| LoadError::Unreadable(format!("{}: cannot read: {e}", path.display())))?;
+        Self::from_toml(&text)
+            .map_err(|e| LoadError::Invalid(format!("{}: {}", path.display(), e.0)))
     }
 
     /// The route for a request: routes with a matching host pattern beat host-less ones (exact

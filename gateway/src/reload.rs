@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use crate::admission::Admission;
 use crate::balance::PoolState;
-use crate::config::{Config, Pool};
+use crate::config::{Config, LoadError, Pool};
 use crate::metrics::{BackendRow, BackendStats, Metrics};
 
 /// One pool's live state: balancing and ejection, and the counters it exports.
@@ -138,13 +138,10 @@ impl Shared {
         let Some(path) = &self.path else {
             return Err(ReloadError::NoFile);
         };
-        // Read apart from validating: an unreadable file is the host's problem, a file that
-        // does not validate is the operator's (422 on the admin plane).
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ReloadError::Unreadable(format!("{}: cannot read: {e}", path.display()))
+        let config = Config::load(path).map_err(|e| match e {
+            LoadError::Unreadable(why) => ReloadError::Unreadable(why),
+            LoadError::Invalid(why) => ReloadError::Invalid(why),
         })?;
-        let config = Config::from_toml(&text)
-            .map_err(|e| ReloadError::Invalid(format!("{}: {e}", path.display())))?;
         let old = self.current();
         let mut notes = Vec::new();
         if config.listeners != old.config.listeners {
