@@ -6,10 +6,8 @@
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
-use std::future::Future as _;
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
 use codec::CloseCode;
@@ -17,7 +15,7 @@ use codec::frame::Role;
 
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
-use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick};
+use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick, last_poll};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::relay::{MIN_READ, Outcome, Settings};
@@ -42,14 +40,7 @@ pub(crate) async fn serve(
         // The echo first: the watchdog's timer relies on seeing the writes it starts.
         biased;
         outcome = &mut echo => {
-            // One last poll of the watchdog: a close frame it sent is counted when its write
-            // completes, and that completion may have arrived in the same wake-up as the
-            // client's answer that ended the echo.
-            std::future::poll_fn(|cx| {
-                let _still_waiting = watchdog.as_mut().poll(cx);
-                Poll::Ready(())
-            })
-            .await;
+            last_poll(watchdog).await;
             outcome
         }
         () = &mut watchdog => {

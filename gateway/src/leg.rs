@@ -262,6 +262,21 @@ pub(crate) async fn bounded<F: Future>(legs: &[&Leg], write: WriteTimeout, fut: 
     }
 }
 
+/// Gives a watchdog that lost the race one last poll before it is dropped. Connections poll
+/// their relaying code before their watchdog (see [`Ticker`]), so when both had completions in
+/// the same wake-up, the watchdog never saw its own: a close frame it sent is counted only when
+/// its write completes, and would go uncounted.
+pub(crate) async fn last_poll<F: Future>(watchdog: Pin<&mut F>) {
+    let mut watchdog = Some(watchdog);
+    std::future::poll_fn(|cx| {
+        if let Some(w) = watchdog.take() {
+            let _still_waiting = w.poll(cx);
+        }
+        Poll::Ready(())
+    })
+    .await;
+}
+
 /// A watchdog's timer, armed only while something needs it: keepalive, or a write pending on
 /// one of the legs. An idle connection without keepalive holds no timer at all.
 ///

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
 use crate::keepalive::{Keepalive, WriteTimeout};
-use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick};
+use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick, last_poll};
 use crate::lifecycle::{Lifecycle, OnClose, Side};
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::uring::Stream;
@@ -163,12 +163,16 @@ impl Relay {
     /// pump builds its own forwarder.
     pub(crate) async fn run(&self, drain: &Drain) -> Outcome {
         let pumps = async { tokio::join!(self.pump(Side::Client), self.pump(Side::Backend)) };
-        tokio::pin!(pumps);
+        let watchdog = self.watchdog(drain);
+        tokio::pin!(pumps, watchdog);
         let (a, b) = tokio::select! {
             // Pumps first: the watchdog's timer relies on seeing the writes they start.
             biased;
-            done = &mut pumps => done,
-            () = self.watchdog(drain) => {
+            done = &mut pumps => {
+                last_poll(watchdog).await;
+                done
+            }
+            () = &mut watchdog => {
                 // Reads and writes in flight complete (with EOF or EPIPE) once the sockets
                 // are shut down; the pumps then end on their own.
                 self.client.stream.shutdown(Shutdown::Both);
