@@ -46,7 +46,7 @@ const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_HEADER_BYTES: u64 = 256;
 /// The relay reads at least this much at a time, so a smaller `write_buffer` could not be
 /// honoured.
-const MIN_WRITE_BUFFER: u64 = crate::relay::MIN_READ as u64;
+const MIN_WRITE_BUFFER: u64 = crate::conn::MIN_READ as u64;
 /// The sections a file may have, for the message about any other.
 const SECTIONS: &str = "[server], [[listener]], [limits], [timeouts], [[route]], [upstream.NAME]";
 

@@ -17,8 +17,8 @@ use codec::handshake::{
 use crate::admission::{Admitted, Refusal};
 use crate::balance::ActiveGuard;
 use crate::config::{Route, Upstream};
-use crate::keepalive::{Keepalive, WriteTimeout};
-use crate::relay::{MIN_READ, Outcome, Relay, Settings};
+use crate::conn::{LogLine, Settings, compact, plain, route_name, settings};
+use crate::relay::Relay;
 use crate::reload::Generation;
 use crate::upstream::{Target, UpstreamError};
 use crate::uring::Stream;
@@ -61,16 +61,6 @@ enum Session {
     Echo(EchoSession),
     /// Relayed to a backend.
     Proxy(ProxySession),
-}
-
-/// What the access log line of a connection needs.
-struct LogLine {
-    client: SocketAddr,
-    path: String,
-    /// The route that took the request: `host/path_prefix`, or `path_prefix` for any host.
-    route: String,
-    backend: String,
-    started: Instant,
 }
 
 /// A client upgraded onto the embedded echo.
@@ -221,23 +211,6 @@ async fn upgrade(stream: Stream, client: SocketAddr, core: &Core) -> Option<Sess
     match route.upstream {
         Upstream::Echo => conn.echo().await,
         Upstream::Pool(pool) => Box::pin(conn.proxy(&generation, pool)).await,
-    }
-}
-
-/// The per-connection settings a generation implies.
-fn settings(generation: &Generation) -> Settings {
-    let t = &generation.config.timeouts;
-    Settings {
-        close_timeout: t.close,
-        keepalive: Keepalive {
-            ping_interval: t.ping_interval.unwrap_or(Duration::ZERO),
-            pong_timeout: t.pong_timeout,
-            idle: t.idle.unwrap_or(Duration::ZERO),
-        },
-        write_timeout: WriteTimeout::new(t.write.unwrap_or(Duration::ZERO)),
-        buffer: generation.config.global_limits.write_buffer.max(MIN_READ),
-        limits: generation.config.global_limits.message,
-        deflate: false,
     }
 }
 
@@ -462,57 +435,3 @@ async fn read_request(stream: &Stream, limits: &HeadLimits) -> ClientHello {
     }
 }
 
-/// Handshake buffers become the relay's first read buffers: trim them to the idle size, since
-/// every idle connection keeps its pending reads' buffers.
-fn compact(mut buf: Vec<u8>) -> Vec<u8> {
-    buf.shrink_to(MIN_READ);
-    buf
-}
-
-/// A small plain-text HTTP answer that closes the connection.
-fn plain(status: u16, reason: &str, body: &str, extra_headers: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nConnection: close\r\n{extra_headers}Content-Type: \
-         text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}\n",
-        body.len() + 1
-    )
-    .into_bytes()
-}
-
-/// A route as the access log names it.
-fn route_name(route: &Route) -> String {
-    match &route.host {
-        Some(host) => format!("{host}{}", route.path_prefix),
-        None => route.path_prefix.clone(),
-    }
-}
-
-/// The close code the access log shows, with RFC 6455's names for what has none on the
-/// wire: 1005 for a close frame without a code, 1006 for no close frame at all.
-fn log_close_code(o: &Outcome) -> u16 {
-    match (o.close_code, o.closed_by) {
-        (Some(code), _) => code.get(),
-        (None, Some("client" | "backend")) => 1005,
-        (None, _) => 1006,
-    }
-}
-
-impl LogLine {
-    /// Writes the connection's access log line.
-    fn write(&self, o: &Outcome) {
-        tracing::info!(
-            client = %self.client,
-            path = self.path,
-            backend = self.backend,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            bytes_in = o.bytes_in,
-            bytes_out = o.bytes_out,
-            route = self.route,
-            close_code = log_close_code(o),
-            closed_by = o.closed_by.unwrap_or("gateway"),
-            close_reason = o.reason.unwrap_or("connection lost"),
-            close_timeout = o.timed_out,
-            "connection closed"
-        );
-    }
-}

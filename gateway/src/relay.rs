@@ -13,7 +13,7 @@
 use std::cell::Cell;
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use codec::CloseCode;
 use codec::frame::Role;
@@ -21,54 +21,11 @@ use tokio::sync::Notify;
 
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
-use crate::keepalive::{Keepalive, WriteTimeout};
 use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick, last_poll};
 use crate::lifecycle::{Lifecycle, OnClose, Side};
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
+use crate::conn::{MIN_READ, Outcome, Settings};
 use crate::uring::Stream;
-
-/// Reads start this small so an idle connection pins little memory under io_uring (a pending
-/// read owns its buffer), and grow while reads keep filling them. Every read reserves at least
-/// this much room beyond what is buffered, so a control frame the forwarder waits to have
-/// whole (at most 131 bytes) always arrives within a read or two.
-pub(crate) const MIN_READ: usize = 128;
-
-/// Per-connection settings of the relay and the echo.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Settings {
-    /// Time a peer has to answer a close frame.
-    pub(crate) close_timeout: Duration,
-    /// Pings, pong deadline, idle timeout.
-    pub(crate) keepalive: Keepalive,
-    /// A peer whose pending write moves no bytes for this long stopped reading: it is given
-    /// up on.
-    pub(crate) write_timeout: WriteTimeout,
-    /// Bytes buffered per direction at most: the largest read, and the largest incomplete
-    /// frame held back before it streams on.
-    pub(crate) buffer: usize,
-    /// Message and frame size limits (the route's).
-    pub(crate) limits: codec::Limits,
-    /// permessage-deflate was negotiated: RSV1 allowed, compressed text not UTF-8-checked.
-    pub(crate) deflate: bool,
-}
-
-/// How a connection ended, for the access log.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Outcome {
-    /// The first close code on the wire, if any.
-    pub(crate) close_code: Option<CloseCode>,
-    /// Who sent it: "client", "backend" or "gateway".
-    pub(crate) closed_by: Option<&'static str>,
-    /// Payload bytes client to backend.
-    pub(crate) bytes_in: u64,
-    /// Payload bytes backend to client.
-    pub(crate) bytes_out: u64,
-    /// The close handshake did not finish within the close timeout.
-    pub(crate) timed_out: bool,
-    /// Why the connection ended, in words (the gateway's close reason, or which peer
-    /// closed); `None`: the connection was lost without a close frame.
-    pub(crate) reason: Option<&'static str>,
-}
 
 /// Why the gateway closes a connection on its own (besides protocol violations).
 #[derive(Clone, Copy, Debug)]

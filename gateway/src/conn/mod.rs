@@ -1,0 +1,279 @@
+//! A connection as a state machine: the loop in `crate::driver` delivers its [`Event`]s (an
+//! operation completed, a deadline passed, a drain began) and carries out what it asks for
+//! through [`Io`]. Nothing here touches a socket, a clock or a thread, so the same machines run
+//! under io_uring, under epoll, and under the simulation tests' fake loop.
+//!
+//! A connection is [`upgrade::Upgrade`] until its `101` (or its refusal), then
+//! [`relay::Relay`] (to a backend) or [`echo::Echo`] (the embedded echo) until it ends.
+#![forbid(unsafe_code)]
+
+use std::cell::Cell;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use codec::CloseCode;
+
+use crate::admission::Admitted;
+use crate::balance::ActiveGuard;
+use crate::config::Route;
+use crate::keepalive::{Keepalive, WriteTimeout};
+use crate::lifecycle::Side;
+use crate::metrics::CoreMetrics;
+use crate::reload::{Generation, Shared};
+
+/// An operation a machine has in flight, per leg: at most one of each kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    /// A read.
+    Recv,
+    /// A write.
+    Send,
+    /// The backend leg's connect.
+    Connect,
+}
+
+/// What a connection machine may ask of its loop. Every operation comes back exactly once as
+/// an [`Event`] (cancelled ones too, with `ECANCELED`), and a machine may only report
+/// [`Status::Done`] once none of its operations is in flight.
+pub(crate) trait Io {
+    /// The time, as the loop last read it (once per loop turn).
+    fn now(&self) -> Instant;
+    /// One read from `side` into `buf`'s spare capacity (it must have some); comes back as
+    /// [`Event::Received`].
+    fn recv(&mut self, side: Side, buf: Vec<u8>);
+    /// One write of `buf[start..end]` to `side`; comes back as [`Event::Sent`], possibly short.
+    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize);
+    /// Opens a new backend socket and connects it to `addr`; comes back as
+    /// [`Event::Connected`]. A previous backend socket is closed first: none of its operations
+    /// may be in flight. An error here is local (no socket could be made: EMFILE, ENOBUFS).
+    fn connect(&mut self, addr: SocketAddr) -> io::Result<()>;
+    /// Cancels `side`'s `kind` operation if it is in flight: it comes back with `ECANCELED`
+    /// (or with its result, if it finished first).
+    fn cancel(&mut self, side: Side, kind: OpKind);
+    /// Shuts `side`'s socket down: a pending read ends with end of stream, a pending write with
+    /// an error. Harmless on a socket already shut.
+    fn shutdown(&mut self, side: Side, how: Shutdown);
+    /// Asks for an [`Event::Timer`] at `at` or soon after. An earlier request stands: a later
+    /// `at` does not postpone it, so a machine re-asks for its next deadline when it fires.
+    fn wake_at(&mut self, at: Instant);
+}
+
+/// What happens to a connection.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A read finished: `Ok(0)` is end of stream; `buf` has the bytes appended.
+    Received {
+        /// The leg read from.
+        side: Side,
+        /// The buffer the read was given.
+        buf: Vec<u8>,
+        /// Bytes read, or why none.
+        result: io::Result<usize>,
+    },
+    /// A write finished, perhaps short.
+    Sent {
+        /// The leg written to.
+        side: Side,
+        /// The buffer the write was given, unchanged.
+        buf: Vec<u8>,
+        /// Bytes written, or why none.
+        result: io::Result<usize>,
+    },
+    /// The backend connect finished.
+    Connected(io::Result<()>),
+    /// A deadline asked for with [`Io::wake_at`] passed (it may come early or more than once:
+    /// a machine checks its own deadlines).
+    Timer,
+    /// The process started draining: close with this code.
+    Drain(CloseCode),
+}
+
+/// Whether a connection goes on after an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// It has work or operations in flight.
+    Running,
+    /// It ended and has no operation in flight: the loop closes its sockets and frees its slot.
+    Done,
+}
+
+/// Per-core state the machines share (`!Send`: one core's).
+pub(crate) struct CoreCtx {
+    /// Configuration generations, admission and pools, process-wide.
+    pub(crate) shared: Arc<Shared>,
+    /// This core's counters.
+    pub(crate) metrics: Arc<CoreMetrics>,
+    /// This core's round-robin cursor (per core, so no atomics).
+    pub(crate) cursor: Cell<usize>,
+    /// Set once this core drains: the close code connections get.
+    pub(crate) draining: Cell<Option<CloseCode>>,
+}
+
+/// Which relaying phase an upgraded connection enters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// The embedded echo answers the client.
+    Echo,
+    /// Frames are relayed to the backend leg.
+    Relay,
+}
+
+/// What the upgrade hands its relaying phase, with no operation in flight.
+pub(crate) struct Upgraded {
+    /// Echo or relay.
+    pub(crate) phase: Phase,
+    /// Bytes the client sent after its request.
+    pub(crate) client_input: Vec<u8>,
+    /// Bytes the backend sent after its `101` (empty for the echo).
+    pub(crate) backend_input: Vec<u8>,
+    /// The connection's settings (the route's limits, deflate as negotiated).
+    pub(crate) settings: Settings,
+    /// For the access log line written when the connection ends.
+    pub(crate) log: LogLine,
+    /// The connection's admission slot, held until it ends.
+    pub(crate) admitted: Admitted,
+    /// Counts the connection toward its backend's load until it ends (`None` for the echo).
+    pub(crate) active: Option<ActiveGuard>,
+}
+
+/// What an upgrade step came to.
+pub(crate) enum UpgradeStep {
+    /// Still upgrading.
+    Running,
+    /// Refused or gone; no operation in flight.
+    Done,
+    /// Upgraded: the relaying phase takes over.
+    Upgraded(Box<Upgraded>),
+}
+
+/// Reads start this small so an idle connection pins little memory under io_uring (a pending
+/// read owns its buffer), and grow while reads keep filling them. Every read reserves at least
+/// this much room beyond what is buffered, so a control frame the forwarder waits to have
+/// whole (at most 131 bytes) always arrives within a read or two.
+pub(crate) const MIN_READ: usize = 128;
+
+/// Per-connection settings of the relay and the echo.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    /// Time a peer has to answer a close frame.
+    pub(crate) close_timeout: Duration,
+    /// Pings, pong deadline, idle timeout.
+    pub(crate) keepalive: Keepalive,
+    /// A peer whose pending write moves no bytes for this long stopped reading: it is given
+    /// up on.
+    pub(crate) write_timeout: WriteTimeout,
+    /// Bytes buffered per direction at most: the largest read, and the largest incomplete
+    /// frame held back before it streams on.
+    pub(crate) buffer: usize,
+    /// Message and frame size limits (the route's).
+    pub(crate) limits: codec::Limits,
+    /// permessage-deflate was negotiated: RSV1 allowed, compressed text not UTF-8-checked.
+    pub(crate) deflate: bool,
+}
+
+/// How a connection ended, for the access log.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Outcome {
+    /// The first close code on the wire, if any.
+    pub(crate) close_code: Option<CloseCode>,
+    /// Who sent it: "client", "backend" or "gateway".
+    pub(crate) closed_by: Option<&'static str>,
+    /// Payload bytes client to backend.
+    pub(crate) bytes_in: u64,
+    /// Payload bytes backend to client.
+    pub(crate) bytes_out: u64,
+    /// The close handshake did not finish within the close timeout.
+    pub(crate) timed_out: bool,
+    /// Why the connection ended, in words (the gateway's close reason, or which peer
+    /// closed); `None`: the connection was lost without a close frame.
+    pub(crate) reason: Option<&'static str>,
+}
+
+/// What the access log line of a connection needs.
+pub(crate) struct LogLine {
+    /// The client's address.
+    pub(crate) client: SocketAddr,
+    /// The request's (normalised) path.
+    pub(crate) path: String,
+    /// The route that took the request: `host/path_prefix`, or `path_prefix` for any host.
+    pub(crate) route: String,
+    /// The backend's address, or `echo`.
+    pub(crate) backend: String,
+    /// When the connection was accepted.
+    pub(crate) started: Instant,
+}
+
+
+/// The per-connection settings a generation implies.
+pub(crate) fn settings(generation: &Generation) -> Settings {
+    let t = &generation.config.timeouts;
+    Settings {
+        close_timeout: t.close,
+        keepalive: Keepalive {
+            ping_interval: t.ping_interval.unwrap_or(Duration::ZERO),
+            pong_timeout: t.pong_timeout,
+            idle: t.idle.unwrap_or(Duration::ZERO),
+        },
+        write_timeout: WriteTimeout::new(t.write.unwrap_or(Duration::ZERO)),
+        buffer: generation.config.global_limits.write_buffer.max(MIN_READ),
+        limits: generation.config.global_limits.message,
+        deflate: false,
+    }
+}
+
+/// Handshake buffers become the relay's first read buffers: trim them to the idle size, since
+/// every idle connection keeps its pending reads' buffers.
+pub(crate) fn compact(mut buf: Vec<u8>) -> Vec<u8> {
+    buf.shrink_to(MIN_READ);
+    buf
+}
+
+/// A small plain-text HTTP answer that closes the connection.
+pub(crate) fn plain(status: u16, reason: &str, body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nConnection: close\r\n{extra_headers}Content-Type: \
+         text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}\n",
+        body.len() + 1
+    )
+    .into_bytes()
+}
+
+/// A route as the access log names it.
+pub(crate) fn route_name(route: &Route) -> String {
+    match &route.host {
+        Some(host) => format!("{host}{}", route.path_prefix),
+        None => route.path_prefix.clone(),
+    }
+}
+
+/// The close code the access log shows, with RFC 6455's names for what has none on the
+/// wire: 1005 for a close frame without a code, 1006 for no close frame at all.
+fn log_close_code(o: &Outcome) -> u16 {
+    match (o.close_code, o.closed_by) {
+        (Some(code), _) => code.get(),
+        (None, Some("client" | "backend")) => 1005,
+        (None, _) => 1006,
+    }
+}
+
+impl LogLine {
+    /// Writes the connection's access log line.
+    pub(crate) fn write(&self, o: &Outcome) {
+        tracing::info!(
+            client = %self.client,
+            path = self.path,
+            backend = self.backend,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            bytes_in = o.bytes_in,
+            bytes_out = o.bytes_out,
+            route = self.route,
+            close_code = log_close_code(o),
+            closed_by = o.closed_by.unwrap_or("gateway"),
+            close_reason = o.reason.unwrap_or("connection lost"),
+            close_timeout = o.timed_out,
+            "connection closed"
+        );
+    }
+}

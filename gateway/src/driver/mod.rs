@@ -1,0 +1,115 @@
+//! The data plane's I/O: one event loop per core over one of two backends, io_uring or epoll,
+//! behind the small [`Backend`] interface below.
+//!
+//! The loop (`event_loop.rs`) owns every socket and a slab of connection state machines
+//! (`crate::conn`); it turns their requests into [`Sqe`]s and the backend's [`Cqe`]s back into
+//! their events. A backend knows nothing of connections: it moves bytes between sockets and
+//! buffers it is lent, and reports each operation once, with the `user_data` it was given.
+//!
+//! Ownership is what keeps this sound without `unsafe` outside the backends: an operation owns
+//! its buffer (a `Vec<u8>`, moved in with the [`Sqe`]) until its [`Cqe`] hands it back, so the
+//! kernel can never write into memory the rest of the gateway still uses or has freed.
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::os::fd::{OwnedFd, RawFd};
+use std::time::Duration;
+
+pub(crate) mod epoll;
+pub(crate) mod uring;
+
+/// An operation for a backend. Buffers move in with it and come back with its [`Cqe`].
+#[derive(Debug)]
+pub(crate) enum Sqe {
+    /// Accepts connections on a listening socket until it fails or is cancelled: one
+    /// completion per connection (the socket in [`Cqe::accepted`]), each with [`Cqe::more`]
+    /// set while it keeps accepting.
+    Accept {
+        /// The listening socket.
+        fd: RawFd,
+    },
+    /// One read into `buf`'s spare capacity (`buf.len()..buf.capacity()`); the completion's
+    /// buffer has its length grown by the bytes read. 0 bytes read is end of stream.
+    Recv {
+        /// The socket.
+        fd: RawFd,
+        /// Where the bytes go; must have spare capacity.
+        buf: Vec<u8>,
+    },
+    /// One write of `buf[start..end]`; it may be short (the result says how much went).
+    Send {
+        /// The socket.
+        fd: RawFd,
+        /// Holds the bytes; comes back unchanged.
+        buf: Vec<u8>,
+        /// First byte to send.
+        start: usize,
+        /// One past the last byte to send.
+        end: usize,
+    },
+    /// Connects a non-blocking socket; result 0 once connected.
+    Connect {
+        /// The socket, made by the loop.
+        fd: RawFd,
+        /// Where to.
+        addr: socket2::SockAddr,
+    },
+    /// Cancels the operation pushed with `target` as its user data: it completes with
+    /// `-ECANCELED`, unless it completed already. The cancel itself has no completion.
+    Cancel {
+        /// The user data of the operation to cancel.
+        target: u64,
+    },
+}
+
+/// A finished operation.
+#[derive(Debug)]
+pub(crate) struct Cqe {
+    /// What the operation was pushed with.
+    pub(crate) user_data: u64,
+    /// Bytes moved (0 for a connect); for an accept, 0 and the socket in `accepted`; a
+    /// negative errno on failure.
+    pub(crate) result: i32,
+    /// The buffer a `Recv` or `Send` was lent.
+    pub(crate) buf: Option<Vec<u8>>,
+    /// An accepted socket, non-blocking and close-on-exec.
+    pub(crate) accepted: Option<OwnedFd>,
+    /// A multishot operation (`Accept`) goes on after this completion.
+    pub(crate) more: bool,
+}
+
+/// What an event loop needs of its I/O: queue operations, wait for their completions.
+///
+/// At most one `Recv` and one `Send` are in flight per socket, and a socket is only closed
+/// (through [`Backend::close`]) once none of its operations is.
+pub(crate) trait Backend {
+    /// The backend's name for logs and metrics: `"io_uring"` or `"epoll"`.
+    fn name(&self) -> &'static str;
+
+    /// Queues an operation, submitted at the next [`Backend::wait`] at the latest. Its
+    /// completion is only ever reported by `wait`, never from inside `push`.
+    fn push(&mut self, user_data: u64, sqe: Sqe);
+
+    /// Submits what is queued, then waits until at least one completion is ready or `timeout`
+    /// passes (`None`: no limit; zero: don't wait), and appends every ready completion to
+    /// `out`. Interrupted waits (EINTR) return `Ok` with whatever is ready.
+    fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Cqe>) -> io::Result<()>;
+
+    /// Closes a socket none of whose operations is in flight (the epoll backend forgets it
+    /// first).
+    fn close(&mut self, fd: OwnedFd);
+}
+
+/// Which backend runs the data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum IoBackend {
+    /// io_uring where it can be set up, epoll where it cannot (a seccomp profile that denies
+    /// it, `kernel.io_uring_disabled`, an old kernel).
+    #[default]
+    Auto,
+    /// io_uring, or refuse to start.
+    Uring,
+    /// epoll, even where io_uring works.
+    Epoll,
+}

@@ -1,0 +1,259 @@
+//! `gateway`: a thread-per-core WebSocket reverse proxy that parses and validates every frame
+//! it relays. A library so the simulation tests and `fuzz/` reach the sans-IO relay code; the
+//! binary (`main.rs`) only calls [`main`].
+// `unsafe` is denied crate-wide (workspace lints); `driver::uring` alone opts out, per block.
+#![deny(unsafe_code)]
+
+mod admin;
+mod admission;
+mod balance;
+mod cli;
+mod config;
+mod conn;
+mod connection;
+mod drain;
+mod driver;
+mod echo;
+mod forward;
+mod health;
+mod keepalive;
+mod leg;
+mod lifecycle;
+mod metrics;
+mod relay;
+mod reload;
+mod signals;
+mod upstream;
+mod uring;
+mod worker;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::cli::Args;
+use crate::config::{Config, LogFormat};
+use crate::reload::{Shared, Trigger};
+
+/// Listen backlog per core.
+const BACKLOG: i32 = 4096;
+
+/// The `gateway` binary: parses the command line, runs until drained, and says how it ended.
+#[must_use]
+pub fn main() -> ExitCode {
+    let args = Args::parse_checked();
+    if let Some(path) = &args.check_config {
+        return match Config::load(path) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} listeners, {} routes, {} upstreams)",
+                    path.display(),
+                    config.listeners.len(),
+                    config.routes.len(),
+                    config.pools.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let loaded = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        None => args.shorthand_config().map_err(|e| e.to_string()),
+    };
+    let config = match loaded.and_then(|config| check_cores(&args, config)) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _flush_logs = init_logs(config.server.log_format);
+    match run(&args, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("gateway: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Refuses more workers than this process may run on, naming the setting. Checked at startup
+/// rather than by the validator, so that `--check-config` can vet a file for another machine.
+fn check_cores(args: &Args, config: Config) -> Result<Config, String> {
+    let available = core_affinity::get_core_ids().map_or(1, |ids| ids.len().max(1));
+    match config.server.cores {
+        Some(n) if n > available => {
+            let field = match &args.config {
+                Some(path) => format!("{}: server.cores", path.display()),
+                None => "--cores".to_owned(),
+            };
+            Err(format!(
+                "{field}: {n} must be at most {available}, the cores this machine has available"
+            ))
+        }
+        _ => Ok(config),
+    }
+}
+
+/// Log lines queued for stderr before new ones are dropped: a slow
+/// terminal or a full pipe must never stall a data-plane thread.
+const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+/// Logs go through a queue to a writer thread, so a data-plane thread never blocks on stderr.
+/// The returned guard flushes what is queued when `main` returns.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("gateway-log")
+        .finish(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    guard
+}
+
+fn run(args: &Args, config: Config) -> Result<(), String> {
+    let core_ids = core_affinity::get_core_ids().unwrap_or_default();
+    let available = core_ids.len().max(1);
+    let cores = config.server.cores.unwrap_or(available);
+    if cores == 0 || cores > available {
+        return Err(format!(
+            "cores = {cores}: this machine has {available} core(s) available"
+        ));
+    }
+    uring::probe().map_err(|e| {
+        format!(
+            "io_uring is unavailable: {e} (denied by a container's seccomp profile or by \
+             kernel.io_uring_disabled, or a kernel older than 5.19; see Troubleshooting in the \
+             README)"
+        )
+    })?;
+    // Take the signals before anything starts, so an early SIGTERM drains instead of killing.
+    let signals =
+        signals::Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let listeners = bind(&config.listeners, cores)?;
+    let bound: Vec<String> = listeners[0]
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default())
+        .collect();
+    let drain_timeout = config.server.drain_timeout;
+    let admin_addr = config.server.admin;
+    let upstreams: Vec<String> = config.pools.iter().map(|p| p.name.clone()).collect();
+    let echo = config.pools.is_empty();
+    let backends: Vec<String> = config
+        .pools
+        .iter()
+        .flat_map(|p| p.backends.iter().map(ToString::to_string))
+        .collect();
+    let shared = Shared::new(config, args.config.clone(), cores);
+    if let Some(addr) = admin_addr {
+        start_admin(addr, &shared)?;
+    }
+    let admin = admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(
+        listen = %bound.join(","),
+        cores,
+        backends = %backends.join(","),
+        upstreams = %upstreams.join(","),
+        admin = %admin,
+        nofile_limit = worker::nofile_limit(),
+        "gateway listening"
+    );
+    if echo {
+        tracing::info!("no backend configured: serving the embedded echo upstream");
+    }
+    let (phase, phase_rx) = tokio::sync::watch::channel(drain::Phase::Running);
+    let workers: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(index, listeners)| {
+            let worker = worker::WorkerArgs {
+                index,
+                listeners,
+                shared: Arc::clone(&shared),
+                phase: phase_rx.clone(),
+                drain_timeout,
+            };
+            let core = core_ids.get(index).copied();
+            std::thread::Builder::new()
+                .name(format!("gateway-core-{index}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    worker::run(worker);
+                })
+                .map_err(|e| format!("cannot start worker thread: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    // `reload` logs its outcome itself, one line whichever way it was asked for.
+    let code = signals.wait(&|| drop(shared.reload(Trigger::Signal)));
+    shared.draining.store(true, Ordering::Relaxed);
+    tracing::info!(
+        close_code = code.get(),
+        drain_timeout_ms = u64::try_from(drain_timeout.as_millis()).unwrap_or(u64::MAX),
+        "draining"
+    );
+    // Workers exit once their connections are closed or the drain timeout passes.
+    phase.send_replace(drain::Phase::Draining(code));
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| "a worker thread panicked".to_owned())?;
+    }
+    tracing::info!("drained, exiting");
+    Ok(())
+}
+
+/// Binds every listener once per core, up front, so errors surface before anything starts
+/// and a `:0` port resolves once for all cores.
+fn bind(
+    addrs: &[std::net::SocketAddr],
+    cores: usize,
+) -> Result<Vec<Vec<std::net::TcpListener>>, String> {
+    let mut per_core: Vec<Vec<std::net::TcpListener>> = (0..cores).map(|_| Vec::new()).collect();
+    for &addr in addrs {
+        let first = uring::bind_reuseport(addr, BACKLOG)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let resolved = first.local_addr().map_err(|e| e.to_string())?;
+        per_core[0].push(first);
+        for listeners in &mut per_core[1..] {
+            listeners.push(
+                uring::bind_reuseport(resolved, BACKLOG)
+                    .map_err(|e| format!("cannot listen on {resolved}: {e}"))?,
+            );
+        }
+    }
+    Ok(per_core)
+}
+
+fn start_admin(addr: std::net::SocketAddr, shared: &Arc<Shared>) -> Result<(), String> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
+    let rows = Arc::clone(shared);
+    let reload = Arc::clone(shared);
+    let state = admin::AdminState {
+        metrics: Arc::clone(&shared.metrics),
+        backends: Arc::new(move |row: &mut dyn FnMut(metrics::BackendRow<'_>)| {
+            rows.backend_rows(row);
+        }),
+        reload: Arc::new(move || reload.reload(Trigger::Admin)),
+        draining: Arc::clone(&shared.draining),
+        // [server] is fixed at start (a reload keeps it), so the token is too.
+        token: shared.current().config.server.admin_token.clone(),
+    };
+    admin::spawn(listener, state).map_err(|e| format!("cannot start the admin thread: {e}"))?;
+    Ok(())
+}
