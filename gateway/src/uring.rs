@@ -26,7 +26,7 @@ pub(crate) fn run<F: Future>(future: F) -> F::Output {
 }
 
 /// The workers' ring setup.
-fn ring_builder() -> io_uring::Builder {
+fn ring_builder() -> io_uring_06::Builder {
     let mut ring = tokio_uring::uring_builder();
     ring.setup_coop_taskrun();
     ring

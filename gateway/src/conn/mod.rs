@@ -23,6 +23,10 @@ use crate::lifecycle::Side;
 use crate::metrics::CoreMetrics;
 use crate::reload::{Generation, Shared};
 
+pub(crate) mod echo;
+pub(crate) mod relay;
+pub(crate) mod upgrade;
+
 /// An operation a machine has in flight, per leg: at most one of each kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum OpKind {

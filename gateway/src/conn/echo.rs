@@ -1,0 +1,2 @@
+//! (filled by its own change)
+#![forbid(unsafe_code)]
