@@ -53,9 +53,14 @@ pub(crate) struct Args {
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
 
-    /// Worker threads, one pinned io_uring runtime each [default: all available cores].
+    /// Worker threads, one pinned event loop each [default: all available cores].
     #[arg(long)]
     cores: Option<u64>,
+
+    /// The data plane's I/O: io_uring, epoll, or auto (io_uring where it can be set up,
+    /// epoll where a seccomp profile, a sysctl or an old kernel denies it).
+    #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = ["auto", "uring", "epoll"])]
+    io_backend: String,
 
     /// Time a client has to send a complete upgrade request.
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT.into())]
@@ -132,6 +137,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("server.cores", "--cores"),
     ("server.admin", "--admin"),
     ("server.log_format", "--log-format"),
+    ("server.io_backend", "--io-backend"),
     ("server.drain_timeout", "--drain-timeout"),
     ("listener[0].address", "--listen"),
     ("limits.handshake_timeout", "--handshake-timeout"),
@@ -231,6 +237,7 @@ impl Args {
             LogFormatArg::Text => "text",
             LogFormatArg::Json => "json",
         });
+        server["io_backend"] = value(self.io_backend.as_str());
         server["drain_timeout"] = text(&self.drain_timeout);
 
         let mut listener = Table::new();

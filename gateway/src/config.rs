@@ -191,6 +191,8 @@ pub(crate) struct Server {
     /// When set, every admin endpoint but `/healthz` requires `Authorization: Bearer` it.
     pub(crate) admin_token: Option<crate::admin::AdminToken>,
     pub(crate) log_format: LogFormat,
+    /// The data plane's I/O backend: io_uring, epoll, or io_uring where it can be set up.
+    pub(crate) io_backend: crate::driver::IoBackend,
     /// After SIGTERM/SIGINT, how long open connections get to finish their close handshakes.
     pub(crate) drain_timeout: Duration,
 }
@@ -526,6 +528,7 @@ struct RawServer {
     admin: Option<String>,
     admin_token: Option<String>,
     log_format: Option<String>,
+    io_backend: Option<String>,
     drain_timeout: Option<DurationText>,
 }
 
@@ -960,6 +963,16 @@ impl RawServer {
                 LogFormat::Text
             }
         };
+        let io_backend = match self.io_backend.as_deref() {
+            None => crate::driver::IoBackend::default(),
+            Some(name) => crate::driver::IoBackend::parse(name).unwrap_or_else(|| {
+                p.add(
+                    "server.io_backend",
+                    format!("{name:?} must be \"auto\", \"uring\" or \"epoll\""),
+                );
+                crate::driver::IoBackend::default()
+            }),
+        };
         let drain_timeout = p.duration(
             "server.drain_timeout",
             self.drain_timeout.as_ref(),
@@ -970,6 +983,7 @@ impl RawServer {
             admin,
             admin_token,
             log_format,
+            io_backend,
             drain_timeout,
         }
     }
@@ -1495,6 +1509,7 @@ mod tests {
                 admin: Some("127.0.0.1:9090".parse().unwrap()),
                 admin_token: None,
                 log_format: LogFormat::Text,
+                io_backend: crate::driver::IoBackend::Auto,
                 drain_timeout: Duration::from_secs(10),
             }
         );
@@ -1674,6 +1689,10 @@ mod tests {
             (
                 format!("{ECHO_ROUTE}[server]\nlog_format = \"xml\"\n"),
                 "server.log_format: \"xml\" must be \"text\" or \"json\"",
+            ),
+            (
+                format!("{ECHO_ROUTE}[server]\nio_backend = \"kqueue\"\n"),
+                "server.io_backend: \"kqueue\" must be \"auto\", \"uring\" or \"epoll\"",
             ),
             (
                 format!("{ECHO_ROUTE}[timeouts]\nconnect = \"5x\"\n"),

@@ -434,4 +434,3 @@ async fn read_request(stream: &Stream, limits: &HeadLimits) -> ClientHello {
         }
     }
 }
-

@@ -13,12 +13,12 @@ use std::time::Instant;
 use codec::CloseCode;
 use codec::frame::Role;
 
+use crate::conn::{MIN_READ, Outcome, Settings};
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
 use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick, last_poll};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
-use crate::conn::{MIN_READ, Outcome, Settings};
 use crate::uring::Stream;
 
 /// Echoes until the client closes; `input` holds bytes that arrived with the handshake.

@@ -14,11 +14,11 @@ use codec::frame::{OpCode, write_frame};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
+use crate::conn::Settings;
 use crate::forward::{ControlPayload, Forwarder};
 use crate::keepalive::{Keepalive, Verdict, WriteTimeout, clock_ms, tick_period};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics};
-use crate::conn::Settings;
 use crate::uring::Stream;
 
 /// The payload of the gateway's own keepalive pings; a pong carrying it answers the gateway,

@@ -133,13 +133,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
             "cores = {cores}: this machine has {available} core(s) available"
         ));
     }
-    uring::probe().map_err(|e| {
-        format!(
-            "io_uring is unavailable: {e} (denied by a container's seccomp profile or by \
-             kernel.io_uring_disabled, or a kernel older than 5.19; see Troubleshooting in the \
-             README)"
-        )
-    })?;
+    let backend = choose_backend(config.server.io_backend)?;
     // Take the signals before anything starts, so an early SIGTERM drains instead of killing.
     let signals =
         signals::Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -161,6 +155,42 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
     if let Some(addr) = admin_addr {
         start_admin(addr, &shared)?;
     }
+    let mut drains = Vec::with_capacity(cores);
+    let mut workers = Vec::with_capacity(cores);
+    let mut setups = Vec::with_capacity(cores);
+    for (index, listeners) in listeners.into_iter().enumerate() {
+        let (drain, receiver) = driver::event_loop::drain_channel()
+            .map_err(|e| format!("cannot make a drain channel: {e}"))?;
+        drains.push(drain);
+        let args = driver::event_loop::LoopArgs {
+            index,
+            listeners,
+            shared: Arc::clone(&shared),
+            drain: receiver,
+            drain_timeout,
+        };
+        let core = core_ids.get(index).copied();
+        let (setup_tx, setup_rx) = std::sync::mpsc::channel();
+        setups.push(setup_rx);
+        let worker = std::thread::Builder::new()
+            .name(format!("gateway-core-{index}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                serve_core(backend, args, &setup_tx);
+            })
+            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+        workers.push(worker);
+    }
+    // Each core sets its ring up on its own thread (io_uring's single-issuer mode wants the
+    // thread that submits to be the one that made the ring); any failure stops the start.
+    let mut setup = "";
+    for rx in setups {
+        setup = rx
+            .recv()
+            .map_err(|_| "a worker thread died during setup".to_owned())??;
+    }
     let admin = admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         listen = %bound.join(","),
@@ -169,35 +199,12 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
         upstreams = %upstreams.join(","),
         admin = %admin,
         nofile_limit = worker::nofile_limit(),
+        io_backend = setup,
         "gateway listening"
     );
     if echo {
         tracing::info!("no backend configured: serving the embedded echo upstream");
     }
-    let (phase, phase_rx) = tokio::sync::watch::channel(drain::Phase::Running);
-    let workers: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(index, listeners)| {
-            let worker = worker::WorkerArgs {
-                index,
-                listeners,
-                shared: Arc::clone(&shared),
-                phase: phase_rx.clone(),
-                drain_timeout,
-            };
-            let core = core_ids.get(index).copied();
-            std::thread::Builder::new()
-                .name(format!("gateway-core-{index}"))
-                .spawn(move || {
-                    if let Some(core) = core {
-                        core_affinity::set_for_current(core);
-                    }
-                    worker::run(worker);
-                })
-                .map_err(|e| format!("cannot start worker thread: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
     // `reload` logs its outcome itself, one line whichever way it was asked for.
     let code = signals.wait(&|| drop(shared.reload(Trigger::Signal)));
     shared.draining.store(true, Ordering::Relaxed);
@@ -207,7 +214,9 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
         "draining"
     );
     // Workers exit once their connections are closed or the drain timeout passes.
-    phase.send_replace(drain::Phase::Draining(code));
+    for drain in &drains {
+        drain.send(code);
+    }
     for worker in workers {
         worker
             .join()
@@ -215,6 +224,67 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
     }
     tracing::info!("drained, exiting");
     Ok(())
+}
+
+/// io_uring ring entries per core: submissions queued per loop turn before an early submit.
+const RING_ENTRIES: u32 = 1024;
+
+/// The backend every core will run.
+#[derive(Clone, Copy, Debug)]
+enum Chosen {
+    Uring,
+    Epoll,
+}
+
+/// Decides the backend from the setting: `auto` takes io_uring when a ring can be set up, and
+/// says on one line why it serves on epoll when not.
+fn choose_backend(setting: driver::IoBackend) -> Result<Chosen, String> {
+    let why = |e: &std::io::Error| {
+        format!(
+            "io_uring is unavailable: {e} (denied by a container's seccomp profile or by \
+             kernel.io_uring_disabled, or a kernel older than 5.19; see Troubleshooting in the \
+             README)"
+        )
+    };
+    match setting {
+        driver::IoBackend::Epoll => Ok(Chosen::Epoll),
+        driver::IoBackend::Uring => driver::uring::probe()
+            .map(|()| Chosen::Uring)
+            .map_err(|e| format!("{} and io_backend = \"uring\" was asked for", why(&e))),
+        driver::IoBackend::Auto => match driver::uring::probe() {
+            Ok(()) => Ok(Chosen::Uring),
+            Err(e) => {
+                tracing::warn!(io_backend = "epoll", why = why(&e), "serving on epoll");
+                Ok(Chosen::Epoll)
+            }
+        },
+    }
+}
+
+/// Runs one core's loop on the chosen backend; reports the backend's setup (or why it could
+/// not be set up) on `setup` before serving.
+fn serve_core(
+    backend: Chosen,
+    args: driver::event_loop::LoopArgs,
+    setup: &std::sync::mpsc::Sender<Result<&'static str, String>>,
+) {
+    use driver::event_loop::EventLoop;
+    match backend {
+        Chosen::Uring => match driver::uring::Uring::new(RING_ENTRIES) {
+            Ok(ring) => {
+                drop(setup.send(Ok(ring.setup())));
+                EventLoop::new(ring, args).run();
+            }
+            Err(e) => drop(setup.send(Err(format!("cannot set up io_uring: {e}")))),
+        },
+        Chosen::Epoll => match driver::epoll::Epoll::new() {
+            Ok(epoll) => {
+                drop(setup.send(Ok("epoll")));
+                EventLoop::new(epoll, args).run();
+            }
+            Err(e) => drop(setup.send(Err(format!("cannot set up epoll: {e}")))),
+        },
+    }
 }
 
 /// Binds every listener once per core, up front, so errors surface before anything starts

@@ -19,12 +19,12 @@ use codec::CloseCode;
 use codec::frame::Role;
 use tokio::sync::Notify;
 
+use crate::conn::{MIN_READ, Outcome, Settings};
 use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
 use crate::leg::{Alarm, Leg, Ticker, abort_stalled, bounded, keepalive_tick, last_poll};
 use crate::lifecycle::{Lifecycle, OnClose, Side};
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
-use crate::conn::{MIN_READ, Outcome, Settings};
 use crate::uring::Stream;
 
 /// Why the gateway closes a connection on its own (besides protocol violations).

@@ -152,6 +152,69 @@ pub(crate) enum UpgradeStep {
     Upgraded(Box<Upgraded>),
 }
 
+/// A connection's machine, by phase.
+pub(crate) enum Conn {
+    /// Before the `101`: reading the request, choosing and reaching a backend, refusing.
+    Upgrade(Box<upgrade::Upgrade>),
+    /// Served by the embedded echo.
+    Echo(Box<echo::Echo>),
+    /// Relayed to a backend.
+    Relay(Box<relay::Relay>),
+}
+
+impl Conn {
+    /// Starts the machine of a connection just accepted from `client`; `None` if it ended at
+    /// once (refused with nothing in flight).
+    pub(crate) fn start(client: SocketAddr, ctx: &CoreCtx, io: &mut dyn Io) -> Option<Self> {
+        let (upgrade, step) = upgrade::Upgrade::start(client, ctx, io);
+        Self::after_upgrade(Box::new(upgrade), step, ctx, io)
+    }
+
+    /// Hands `event` to the machine; `None` once the connection ended.
+    pub(crate) fn on_event(self, event: Event, ctx: &CoreCtx, io: &mut dyn Io) -> Option<Self> {
+        match self {
+            Self::Upgrade(mut upgrade) => {
+                let step = upgrade.on_event(event, ctx, io);
+                Self::after_upgrade(upgrade, step, ctx, io)
+            }
+            Self::Echo(mut echo) => {
+                (echo.on_event(event, ctx, io) == Status::Running).then_some(Self::Echo(echo))
+            }
+            Self::Relay(mut relay) => {
+                (relay.on_event(event, ctx, io) == Status::Running).then_some(Self::Relay(relay))
+            }
+        }
+    }
+
+    /// The phase an upgrade step leads to.
+    fn after_upgrade(
+        upgrade: Box<upgrade::Upgrade>,
+        step: UpgradeStep,
+        ctx: &CoreCtx,
+        io: &mut dyn Io,
+    ) -> Option<Self> {
+        match step {
+            UpgradeStep::Running => Some(Self::Upgrade(upgrade)),
+            UpgradeStep::Done => None,
+            UpgradeStep::Upgraded(upgraded) => {
+                // The request, routing state and refusal paths go now: an idle connection keeps
+                // only what relaying needs.
+                drop(upgrade);
+                match upgraded.phase {
+                    Phase::Echo => {
+                        let (echo, status) = echo::Echo::start(upgraded, ctx, io);
+                        (status == Status::Running).then(|| Self::Echo(Box::new(echo)))
+                    }
+                    Phase::Relay => {
+                        let (relay, status) = relay::Relay::start(upgraded, ctx, io);
+                        (status == Status::Running).then(|| Self::Relay(Box::new(relay)))
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Reads start this small so an idle connection pins little memory under io_uring (a pending
 /// read owns its buffer), and grow while reads keep filling them. Every read reserves at least
 /// this much room beyond what is buffered, so a control frame the forwarder waits to have
@@ -208,7 +271,6 @@ pub(crate) struct LogLine {
     /// When the connection was accepted.
     pub(crate) started: Instant,
 }
-
 
 /// The per-connection settings a generation implies.
 pub(crate) fn settings(generation: &Generation) -> Settings {

@@ -1,0 +1,613 @@
+//! One core's event loop: a slab of connection state machines, the sockets they own, their
+//! deadlines, and the backend that runs their operations.
+//!
+//! Each turn waits once in the backend (for io_uring, one `io_uring_enter` that submits what the
+//! last turn queued and waits for completions), hands every completion to its connection, then
+//! fires the deadlines that passed. A machine queues its next operation while it handles the
+//! last one's completion, so read → forward → write → read costs one kernel entry per turn,
+//! not one loop turn per step.
+//!
+//! An operation's `user_data` names its slot, the slot's generation and the operation (which
+//! leg, which kind): a slot is reused only once every operation of its previous connection has
+//! completed, so a completion always finds the connection that asked for it.
+#![forbid(unsafe_code)]
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use codec::CloseCode;
+
+use crate::conn::{Conn, CoreCtx, Event, Io, OpKind};
+use crate::driver::{Backend, Cqe, Sqe};
+use crate::lifecycle::Side;
+use crate::reload::Shared;
+
+/// The slot of operations the loop runs for itself (accepts, the drain signal).
+const LOOP_SLOT: u32 = u32::MAX;
+/// Slot generations wrap within the 24 bits `user_data` keeps of them.
+const GEN_MASK: u32 = 0x00FF_FFFF;
+
+/// A connection's operations, one bit each in [`Slot::inflight`] and the low byte of `user_data`.
+const CLIENT_RECV: u8 = 1;
+const CLIENT_SEND: u8 = 1 << 1;
+const BACKEND_RECV: u8 = 1 << 2;
+const BACKEND_SEND: u8 = 1 << 3;
+const CONNECT: u8 = 1 << 4;
+/// The loop's own operations (in [`LOOP_SLOT`]; an accept's generation field is its listener).
+const WAKE: u8 = 1;
+const ACCEPT: u8 = 2;
+
+/// After an accept fails (the descriptor limit), how long before accepting again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+fn user_data(slot: u32, generation: u32, op: u8) -> u64 {
+    (u64::from(slot) << 32) | (u64::from(generation & GEN_MASK) << 8) | u64::from(op)
+}
+
+fn split(user_data: u64) -> (u32, u32, u8) {
+    (
+        (user_data >> 32) as u32,
+        ((user_data >> 8) as u32) & GEN_MASK,
+        user_data as u8,
+    )
+}
+
+/// The operation bit for `side`'s `kind`.
+fn op_bit(side: Side, kind: OpKind) -> u8 {
+    match (side, kind) {
+        (Side::Client, OpKind::Recv) => CLIENT_RECV,
+        (Side::Client, OpKind::Send) => CLIENT_SEND,
+        (Side::Backend, OpKind::Recv) => BACKEND_RECV,
+        (Side::Backend, OpKind::Send) => BACKEND_SEND,
+        (_, OpKind::Connect) => CONNECT,
+    }
+}
+
+/// A completion's result as the machines see it.
+fn to_result(result: i32) -> io::Result<usize> {
+    usize::try_from(result).map_err(|_| io::Error::from_raw_os_error(-result))
+}
+
+/// Tells a core's loop to drain, from the control plane's thread: the close code, then a byte
+/// on a socket the loop always has a read pending on, so the loop never polls for it.
+pub(crate) struct DrainSender {
+    code: Arc<AtomicU16>,
+    tx: UnixStream,
+}
+
+/// The loop's end of [`DrainSender`].
+pub(crate) struct DrainReceiver {
+    code: Arc<AtomicU16>,
+    rx: UnixStream,
+}
+
+/// A connected pair of drain ends.
+pub(crate) fn drain_channel() -> io::Result<(DrainSender, DrainReceiver)> {
+    let (tx, rx) = UnixStream::pair()?;
+    rx.set_nonblocking(true)?;
+    let code = Arc::new(AtomicU16::new(0));
+    Ok((
+        DrainSender {
+            code: Arc::clone(&code),
+            tx,
+        },
+        DrainReceiver { code, rx },
+    ))
+}
+
+impl DrainSender {
+    /// Asks the loop to close its connections with `code` and stop.
+    pub(crate) fn send(&self, code: CloseCode) {
+        self.code.store(code.get(), Ordering::Release);
+        // A full socket already holds a wake-up; a gone loop needs none.
+        drop((&self.tx).write(&[1]));
+    }
+}
+
+/// What a core's loop is started with.
+pub(crate) struct LoopArgs {
+    /// The core's number, for logs and metrics.
+    pub(crate) index: usize,
+    /// This core's `SO_REUSEPORT` listening sockets.
+    pub(crate) listeners: Vec<TcpListener>,
+    /// Process-wide state.
+    pub(crate) shared: Arc<Shared>,
+    /// Where the drain signal arrives.
+    pub(crate) drain: DrainReceiver,
+    /// How long connections get to close once the drain begins.
+    pub(crate) drain_timeout: Duration,
+}
+
+/// One connection's place in the loop.
+#[derive(Default)]
+struct Slot {
+    /// Bumped when the slot is freed, so late news for an old connection cannot reach a new one.
+    generation: u32,
+    /// The machine; `None` once it ended (its operations may still be completing) or when free.
+    conn: Option<Conn>,
+    /// The client's socket.
+    client: Option<OwnedFd>,
+    /// The backend's socket, once the machine asked for one.
+    backend: Option<OwnedFd>,
+    /// Operations in flight, one bit each.
+    inflight: u8,
+    /// The earliest deadline the machine asked for and has not been woken for.
+    deadline: Option<Instant>,
+}
+
+/// One core's loop over backend `B`.
+pub(crate) struct EventLoop<B: Backend> {
+    backend: B,
+    ctx: CoreCtx,
+    index: usize,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Deadlines by time: (when, slot, generation). Entries a slot no longer waits for are
+    /// skipped when they come up.
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// Connections with a slot (including those whose last operations are completing).
+    live: usize,
+    listeners: Vec<TcpListener>,
+    /// Listeners whose accept ended on an error and waits for [`EventLoop::accept_retry`].
+    accept_paused: Vec<usize>,
+    accept_retry: Option<Instant>,
+    last_accept_warning: Option<Instant>,
+    drain: DrainReceiver,
+    drain_timeout: Duration,
+    drain_deadline: Option<Instant>,
+    /// Completions the loop makes itself (an operation on a socket that does not exist).
+    synthetic: Vec<Cqe>,
+    now: Instant,
+}
+
+impl<B: Backend> EventLoop<B> {
+    /// A loop over `backend` serving `args`' listeners.
+    pub(crate) fn new(backend: B, args: LoopArgs) -> Self {
+        let LoopArgs {
+            index,
+            listeners,
+            shared,
+            drain,
+            drain_timeout,
+        } = args;
+        Self {
+            backend,
+            ctx: CoreCtx {
+                metrics: shared.metrics.core(index),
+                shared,
+                cursor: std::cell::Cell::new(index),
+                draining: std::cell::Cell::new(None),
+            },
+            index,
+            slots: Vec::new(),
+            free: Vec::new(),
+            timers: BinaryHeap::new(),
+            live: 0,
+            listeners,
+            accept_paused: Vec::new(),
+            accept_retry: None,
+            last_accept_warning: None,
+            drain,
+            drain_timeout,
+            drain_deadline: None,
+            synthetic: Vec::new(),
+            now: Instant::now(),
+        }
+    }
+
+    /// Serves until a drain completes or times out.
+    pub(crate) fn run(mut self) {
+        for index in 0..self.listeners.len() {
+            self.arm_accept(index);
+        }
+        self.arm_drain(Vec::with_capacity(8));
+        let mut cqes = Vec::with_capacity(256);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.backend.wait(timeout, &mut cqes) {
+                tracing::error!(core = self.index, why = %e, "event loop wait failed");
+                std::thread::sleep(ACCEPT_RETRY);
+            }
+            self.now = Instant::now();
+            cqes.append(&mut self.synthetic);
+            for cqe in cqes.drain(..) {
+                self.complete(cqe);
+            }
+            self.fire_timers();
+            if let Some(deadline) = self.drain_deadline {
+                let timed_out = self.now >= deadline;
+                if self.live == 0 || timed_out {
+                    tracing::info!(core = self.index, left = self.live, timed_out, "drained");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// How long the next wait may last: until the earliest deadline.
+    fn next_timeout(&self) -> Option<Duration> {
+        if !self.synthetic.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let timer = self.timers.peek().map(|Reverse((at, ..))| *at);
+        [timer, self.accept_retry, self.drain_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    fn arm_accept(&mut self, listener: usize) {
+        let fd = self.listeners[listener].as_raw_fd();
+        self.backend.push(
+            user_data(LOOP_SLOT, listener as u32, ACCEPT),
+            Sqe::Accept { fd },
+        );
+    }
+
+    fn arm_drain(&mut self, buf: Vec<u8>) {
+        let fd = self.drain.rx.as_raw_fd();
+        self.backend
+            .push(user_data(LOOP_SLOT, 0, WAKE), Sqe::Recv { fd, buf });
+    }
+
+    fn complete(&mut self, cqe: Cqe) {
+        let (slot, generation, op) = split(cqe.user_data);
+        if slot == LOOP_SLOT {
+            match op {
+                ACCEPT => self.accepted(generation as usize, cqe),
+                WAKE => self.woken(cqe),
+                _ => {}
+            }
+            return;
+        }
+        let Some(s) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        if s.generation & GEN_MASK != generation || s.inflight & op == 0 {
+            // Cannot happen: a slot is reused only once nothing of its connection is in flight.
+            debug_assert!(false, "completion for a finished operation: {cqe:?}");
+            return;
+        }
+        s.inflight &= !op;
+        let result = to_result(cqe.result);
+        let event = match op {
+            CLIENT_RECV | BACKEND_RECV => Event::Received {
+                side: if op == CLIENT_RECV {
+                    Side::Client
+                } else {
+                    Side::Backend
+                },
+                buf: cqe.buf.unwrap_or_default(),
+                result,
+            },
+            CLIENT_SEND | BACKEND_SEND => Event::Sent {
+                side: if op == CLIENT_SEND {
+                    Side::Client
+                } else {
+                    Side::Backend
+                },
+                buf: cqe.buf.unwrap_or_default(),
+                result,
+            },
+            _ => Event::Connected(result.map(drop)),
+        };
+        self.deliver(slot, event);
+    }
+
+    /// Hands `event` to slot `index`'s machine and frees the slot once it ended and nothing
+    /// of it is in flight.
+    fn deliver(&mut self, index: u32, event: Event) {
+        let slot = &mut self.slots[index as usize];
+        let Some(conn) = slot.conn.take() else {
+            // Ended already: this was one of its last operations completing.
+            self.maybe_free(index);
+            return;
+        };
+        let mut io = SlotIo {
+            backend: &mut self.backend,
+            timers: &mut self.timers,
+            synthetic: &mut self.synthetic,
+            slot,
+            index,
+            now: self.now,
+        };
+        let next = conn.on_event(event, &self.ctx, &mut io);
+        self.settle(index, next);
+    }
+
+    /// Stores the machine's next state; frees the slot if it ended.
+    fn settle(&mut self, index: u32, next: Option<Conn>) {
+        let slot = &mut self.slots[index as usize];
+        if next.is_none() && slot.inflight != 0 {
+            // The machines' contract says this never happens; if it did, the slot waits for
+            // the operations rather than free buffers the kernel may still use.
+            tracing::error!(
+                core = self.index,
+                inflight = slot.inflight,
+                "connection ended with operations in flight"
+            );
+        }
+        slot.conn = next;
+        self.maybe_free(index);
+    }
+
+    fn maybe_free(&mut self, index: u32) {
+        let slot = &mut self.slots[index as usize];
+        if slot.conn.is_some() || slot.inflight != 0 || slot.client.is_none() {
+            return;
+        }
+        for fd in [slot.client.take(), slot.backend.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.backend.close(fd);
+        }
+        slot.generation = slot.generation.wrapping_add(1);
+        slot.deadline = None;
+        self.free.push(index);
+        self.live -= 1;
+        self.ctx.metrics.connection_closed();
+    }
+
+    fn fire_timers(&mut self) {
+        if self.accept_retry.is_some_and(|at| at <= self.now) {
+            self.accept_retry = None;
+            if self.drain_deadline.is_none() {
+                for listener in std::mem::take(&mut self.accept_paused) {
+                    self.arm_accept(listener);
+                }
+            }
+        }
+        while let Some(&Reverse((at, index, generation))) = self.timers.peek() {
+            if at > self.now {
+                break;
+            }
+            self.timers.pop();
+            let slot = &mut self.slots[index as usize];
+            if slot.generation != generation || slot.deadline != Some(at) {
+                continue;
+            }
+            slot.deadline = None;
+            self.deliver(index, Event::Timer);
+        }
+    }
+
+    fn accepted(&mut self, listener: usize, cqe: Cqe) {
+        if !cqe.more && self.drain_deadline.is_none() {
+            if cqe.result < 0 {
+                // EMFILE/ENFILE: the descriptor limit is reached. Say so (once a second at
+                // most), back off briefly, and keep serving the connections we have.
+                if self
+                    .last_accept_warning
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+                {
+                    let e = io::Error::from_raw_os_error(-cqe.result);
+                    let limit = crate::worker::nofile_limit();
+                    tracing::warn!(why = %e, nofile_limit = limit, "accept failed");
+                    self.last_accept_warning = Some(self.now);
+                }
+                self.accept_paused.push(listener);
+                self.accept_retry = Some(self.now + ACCEPT_RETRY);
+            } else {
+                self.arm_accept(listener);
+            }
+        }
+        let Some(fd) = cqe.accepted else {
+            return;
+        };
+        let sock = socket2::SockRef::from(&fd);
+        let Some(client) = sock.peer_addr().ok().and_then(|a| a.as_socket()) else {
+            // Reset before we got to it.
+            self.backend.close(fd);
+            return;
+        };
+        drop(sock.set_nodelay(true));
+        self.open(fd, client);
+    }
+
+    /// Gives an accepted connection a slot and starts its machine.
+    fn open(&mut self, fd: OwnedFd, client: SocketAddr) {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot::default());
+            (self.slots.len() - 1) as u32
+        });
+        self.live += 1;
+        self.ctx.metrics.connection_opened();
+        let slot = &mut self.slots[index as usize];
+        slot.client = Some(fd);
+        let mut io = SlotIo {
+            backend: &mut self.backend,
+            timers: &mut self.timers,
+            synthetic: &mut self.synthetic,
+            slot,
+            index,
+            now: self.now,
+        };
+        let conn = Conn::start(client, &self.ctx, &mut io);
+        self.settle(index, conn);
+    }
+
+    fn woken(&mut self, cqe: Cqe) {
+        let mut buf = cqe.buf.unwrap_or_default();
+        if cqe.result <= 0 {
+            // The control thread is gone (or the socket failed): no drain can come.
+            return;
+        }
+        buf.clear();
+        self.arm_drain(buf);
+        let code = self.drain.code.load(Ordering::Acquire);
+        if code == 0 || self.drain_deadline.is_some() {
+            return;
+        }
+        let code = CloseCode::new(code);
+        self.ctx.draining.set(Some(code));
+        self.drain_deadline = Some(self.now + self.drain_timeout);
+        // Shutting the listeners down ends their accepts and stops the kernel queueing new
+        // connections on this core.
+        for listener in &self.listeners {
+            drop(socket2::SockRef::from(listener).shutdown(Shutdown::Both));
+        }
+        tracing::info!(
+            core = self.index,
+            connections = self.live,
+            close_code = code.get(),
+            "draining"
+        );
+        for index in 0..self.slots.len() as u32 {
+            if self.slots[index as usize].conn.is_some() {
+                self.deliver(index, Event::Drain(code));
+            }
+        }
+    }
+}
+
+/// A connection's view of the loop while it handles one event.
+struct SlotIo<'a, B: Backend> {
+    backend: &'a mut B,
+    timers: &'a mut BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    synthetic: &'a mut Vec<Cqe>,
+    slot: &'a mut Slot,
+    index: u32,
+    now: Instant,
+}
+
+impl<B: Backend> SlotIo<'_, B> {
+    fn fd(&self, side: Side) -> Option<&OwnedFd> {
+        match side {
+            Side::Client => self.slot.client.as_ref(),
+            Side::Backend => self.slot.backend.as_ref(),
+        }
+    }
+
+    /// Queues `sqe` as `op` of this slot, or completes it at once with EBADF when `side` has
+    /// no socket (a machine bug, kept from reaching the kernel).
+    fn push(&mut self, op: u8, side: Side, sqe: impl FnOnce(i32) -> Sqe) {
+        debug_assert_eq!(
+            self.slot.inflight & op,
+            0,
+            "one operation of a kind per leg"
+        );
+        self.slot.inflight |= op;
+        let data = user_data(self.index, self.slot.generation, op);
+        match self.fd(side).map(AsRawFd::as_raw_fd) {
+            Some(fd) => self.backend.push(data, sqe(fd)),
+            None => {
+                let buf = match sqe(-1) {
+                    Sqe::Recv { buf, .. } | Sqe::Send { buf, .. } => Some(buf),
+                    _ => None,
+                };
+                self.synthetic.push(Cqe {
+                    user_data: data,
+                    result: -libc::EBADF,
+                    buf,
+                    accepted: None,
+                    more: false,
+                });
+            }
+        }
+    }
+}
+
+impl<B: Backend> Io for SlotIo<'_, B> {
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn recv(&mut self, side: Side, buf: Vec<u8>) {
+        debug_assert!(buf.capacity() > buf.len(), "a read needs room");
+        self.push(op_bit(side, OpKind::Recv), side, |fd| Sqe::Recv { fd, buf });
+    }
+
+    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {
+        self.push(op_bit(side, OpKind::Send), side, |fd| Sqe::Send {
+            fd,
+            buf,
+            start,
+            end,
+        });
+    }
+
+    fn connect(&mut self, addr: SocketAddr) -> io::Result<()> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        debug_assert_eq!(
+            self.slot.inflight & (BACKEND_RECV | BACKEND_SEND | CONNECT),
+            0,
+            "the old backend socket is idle"
+        );
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        drop(socket.set_nodelay(true));
+        if let Some(old) = self.slot.backend.take() {
+            self.backend.close(old);
+        }
+        self.slot.backend = Some(socket.into());
+        self.push(CONNECT, Side::Backend, |fd| Sqe::Connect {
+            fd,
+            addr: addr.into(),
+        });
+        Ok(())
+    }
+
+    fn cancel(&mut self, side: Side, kind: OpKind) {
+        let op = op_bit(side, kind);
+        if self.slot.inflight & op != 0 {
+            let target = user_data(self.index, self.slot.generation, op);
+            self.backend.push(u64::MAX, Sqe::Cancel { target });
+        }
+    }
+
+    fn shutdown(&mut self, side: Side, how: Shutdown) {
+        if let Some(fd) = self.fd(side) {
+            drop(socket2::SockRef::from(fd).shutdown(how));
+        }
+    }
+
+    fn wake_at(&mut self, at: Instant) {
+        if self.slot.deadline.is_none_or(|d| at < d) {
+            self.slot.deadline = Some(at);
+            self.timers
+                .push(Reverse((at, self.index, self.slot.generation)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        for (slot, generation, op) in [
+            (0, 0, CLIENT_RECV),
+            (7, GEN_MASK, CONNECT),
+            (LOOP_SLOT, 3, ACCEPT),
+        ] {
+            assert_eq!(
+                split(user_data(slot, generation, op)),
+                (slot, generation, op)
+            );
+        }
+        // Generations wrap within their bits.
+        assert_eq!(split(user_data(1, GEN_MASK + 2, WAKE)).1, 1);
+    }
+
+    #[test]
+    fn results_map_to_errors() {
+        assert_eq!(to_result(5).unwrap(), 5);
+        assert_eq!(
+            to_result(-libc::ECONNRESET).unwrap_err().raw_os_error(),
+            Some(libc::ECONNRESET)
+        );
+    }
+}
