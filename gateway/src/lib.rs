@@ -185,7 +185,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
     }
     // Each core sets its ring up on its own thread (io_uring's single-issuer mode wants the
     // thread that submits to be the one that made the ring); any failure stops the start.
-    let mut setup = "";
+    let mut setup = ("", "");
     for rx in setups {
         setup = rx
             .recv()
@@ -199,7 +199,8 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
         upstreams = %upstreams.join(","),
         admin = %admin,
         nofile_limit = worker::nofile_limit(),
-        io_backend = setup,
+        io_backend = setup.0,
+        io_setup = setup.1,
         "gateway listening"
     );
     if echo {
@@ -236,9 +237,20 @@ enum Chosen {
     Epoll,
 }
 
+/// Overrides `auto` (and only `auto`): lets a container's environment, or a test run, pick the
+/// backend of every gateway it starts without editing a file or a command line.
+const IO_BACKEND_ENV: &str = "WSGATE_IO_BACKEND";
+
 /// Decides the backend from the setting: `auto` takes io_uring when a ring can be set up, and
 /// says on one line why it serves on epoll when not.
-fn choose_backend(setting: driver::IoBackend) -> Result<Chosen, String> {
+fn choose_backend(mut setting: driver::IoBackend) -> Result<Chosen, String> {
+    if setting == driver::IoBackend::Auto
+        && let Ok(name) = std::env::var(IO_BACKEND_ENV)
+    {
+        setting = driver::IoBackend::parse(&name).ok_or_else(|| {
+            format!("{IO_BACKEND_ENV}={name:?} must be \"auto\", \"uring\" or \"epoll\"")
+        })?;
+    }
     let why = |e: &std::io::Error| {
         format!(
             "io_uring is unavailable: {e} (denied by a container's seccomp profile or by \
@@ -266,20 +278,20 @@ fn choose_backend(setting: driver::IoBackend) -> Result<Chosen, String> {
 fn serve_core(
     backend: Chosen,
     args: driver::event_loop::LoopArgs,
-    setup: &std::sync::mpsc::Sender<Result<&'static str, String>>,
+    setup: &std::sync::mpsc::Sender<Result<(&'static str, &'static str), String>>,
 ) {
     use driver::event_loop::EventLoop;
     match backend {
         Chosen::Uring => match driver::uring::Uring::new(RING_ENTRIES) {
             Ok(ring) => {
-                drop(setup.send(Ok(ring.setup())));
+                drop(setup.send(Ok(("io_uring", ring.setup()))));
                 EventLoop::new(ring, args).run();
             }
             Err(e) => drop(setup.send(Err(format!("cannot set up io_uring: {e}")))),
         },
         Chosen::Epoll => match driver::epoll::Epoll::new() {
             Ok(epoll) => {
-                drop(setup.send(Ok("epoll")));
+                drop(setup.send(Ok(("epoll", "edge-triggered"))));
                 EventLoop::new(epoll, args).run();
             }
             Err(e) => drop(setup.send(Err(format!("cannot set up epoll: {e}")))),

@@ -111,6 +111,18 @@ impl Gateway {
         Self::spawn(command, args)
     }
 
+    /// [`start_exact`](Self::start_exact) through `wrapper`, a program that runs its first
+    /// argument (the gateway binary) with the rest (`args`), e.g. under a seccomp filter.
+    #[must_use]
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        let mut command = Command::new(wrapper[0]);
+        command
+            .args(&wrapper[1..])
+            .arg(env!("CARGO_BIN_EXE_gateway"))
+            .args(args);
+        Self::spawn(command, args)
+    }
+
     /// Runs `command` (which becomes the gateway process) and waits for its `listen` field.
     fn spawn(mut command: Command, args: &[&str]) -> Self {
         let mut child = command
