@@ -18,7 +18,14 @@ const DENY: &str = concat!(
 async fn io_uring_denied_by_seccomp_serves_on_epoll() {
     let gw = Gateway::start_wrapped(
         &["python3", DENY],
-        &["--listen", "127.0.0.1:0", "--cores", "1", "--io-backend", "auto"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--io-backend",
+            "auto",
+        ],
     );
     let mut ws = connect(&gw.url("/")).await;
     echo_then_close(&mut ws, "served without io_uring").await;
@@ -43,7 +50,14 @@ fn asked_for_io_uring_when_denied_is_a_clear_start_error() {
     let mut child = Command::new("python3")
         .arg(DENY)
         .arg(env!("CARGO_BIN_EXE_gateway"))
-        .args(["--listen", "127.0.0.1:0", "--cores", "1", "--io-backend", "uring"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--io-backend",
+            "uring",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3 runs the seccomp wrapper");

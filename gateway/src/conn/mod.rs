@@ -25,6 +25,8 @@ use crate::reload::{Generation, Shared};
 
 pub(crate) mod echo;
 pub(crate) mod relay;
+#[cfg(test)]
+mod sim;
 pub(crate) mod upgrade;
 
 /// An operation a machine has in flight, per leg: at most one of each kind.
