@@ -1,1 +1,853 @@
+//! The io_uring [`Backend`]: one ring per event loop, created on the loop's own thread.
+//!
+//! Every operation's buffer (and a connect's address) is kept here, in an in-flight table,
+//! from its push until its last completion: the kernel holds raw pointers into them, so they
+//! must neither move nor be freed in between. A `Vec<u8>` moved into the table keeps its heap
+//! data where it was, and a connect's address is boxed for the same reason; the table slot is
+//! freed only by the operation's final completion (or, when the ring is dropped with
+//! operations still in flight, after they are cancelled, or never).
+//!
+//! Each ring's user data names a table slot (index and a generation, so a cancel aimed at a
+//! slot that has since been reused cannot hit the newcomer); the slot remembers the loop's
+//! own user data. Waiting is one `io_uring_enter` that submits and waits; nothing goes through
+//! epoll.
+#![expect(
+    unsafe_code,
+    reason = "io_uring: the kernel reads and writes buffers through raw pointers in submission \
+              entries, and hands accepted sockets back as raw fds; each block says why it is sound"
+)]
 
+use std::collections::VecDeque;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use socket2::SockAddr;
+
+use super::{Backend, Cqe, Sqe};
+
+/// Ring user data of the cancels this backend issues, whose completions are swallowed. No slot
+/// has it: slot indices stay below `u32::MAX`.
+const CANCEL: u64 = u64::MAX;
+
+/// [`Uring::setup`] when the kernel took `SINGLE_ISSUER` and `DEFER_TASKRUN` (6.1 and later):
+/// completion work runs only when this thread asks for completions.
+const SETUP_DEFER: &str = "SINGLE_ISSUER|DEFER_TASKRUN";
+/// [`Uring::setup`] when it took `COOP_TASKRUN` and `TASKRUN_FLAG` (5.19 and later):
+/// completion work waits for this thread's next entry instead of interrupting it.
+const SETUP_COOP: &str = "COOP_TASKRUN|TASKRUN_FLAG";
+/// [`Uring::setup`] when it took no setup flags at all.
+const SETUP_NONE: &str = "none";
+
+/// How long dropping a ring with operations in flight waits for their cancellations before
+/// leaking their buffers instead.
+const DROP_GRACE: Duration = Duration::from_secs(1);
+
+/// An io_uring ring and the operations in flight on it.
+pub(crate) struct Uring {
+    /// The ring.
+    ring: IoUring,
+    /// The setup flags the kernel accepted, for the start log line.
+    setup: &'static str,
+    /// What each in-flight operation lends the kernel.
+    slab: Slab,
+    /// Entries that found the submission queue full and could not be submitted to make room;
+    /// [`Backend::wait`] queues them (in order) before it waits.
+    backlog: VecDeque<squeue::Entry>,
+    /// Not `Send`: with `SINGLE_ISSUER` only the thread that created the ring may enter it.
+    _thread: PhantomData<*const ()>,
+}
+
+impl Uring {
+    /// Sets up a ring with `entries` submission slots on the calling thread, which is the only
+    /// one that may use it, with the best task-running mode the kernel accepts.
+    pub(crate) fn new(entries: u32) -> io::Result<Self> {
+        let (ring, setup) = build(entries)?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring without IORING_FEAT_EXT_ARG (kernel before 5.11): no timed wait",
+            ));
+        }
+        Ok(Self {
+            ring,
+            setup,
+            slab: Slab::default(),
+            backlog: VecDeque::new(),
+            _thread: PhantomData,
+        })
+    }
+
+    /// The setup flags the kernel accepted, for the start log line.
+    pub(crate) fn setup(&self) -> &'static str {
+        self.setup
+    }
+
+    /// Queues `entry` behind anything already waiting in the backlog; when the submission
+    /// queue is full, submits what is there first.
+    fn queue(&mut self, entry: squeue::Entry) {
+        if self.backlog.is_empty()
+            && (sq_push(&mut self.ring, &entry)
+                || (self.ring.submit().is_ok() && sq_push(&mut self.ring, &entry)))
+        {
+            return;
+        }
+        self.backlog.push_back(entry);
+    }
+
+    /// Moves the backlog into the submission queue, submitting whenever it fills; false if
+    /// some entries are left because a submit failed.
+    fn flush_backlog(&mut self) -> bool {
+        while let Some(entry) = self.backlog.front() {
+            if !sq_push(&mut self.ring, entry)
+                && (self.ring.submit().is_err() || !sq_push(&mut self.ring, entry))
+            {
+                return false;
+            }
+            self.backlog.pop_front();
+        }
+        true
+    }
+
+    /// Cancels every in-flight operation pushed with `target` (at most one, by the loop's
+    /// rules). An operation that already completed has no slot, so nothing is sent for it.
+    fn cancel(&mut self, target: u64) {
+        for index in 0..self.slab.slots.len() {
+            if let Some((key, user_data)) = self.slab.busy(index)
+                && user_data == target
+            {
+                self.queue(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
+            }
+        }
+    }
+
+    /// Hands every completion in the completion queue to `out`, freeing finished slots.
+    fn drain(&mut self, out: &mut Vec<Cqe>) {
+        let Self { ring, slab, .. } = self;
+        for cqe in ring.completion() {
+            if cqe.user_data() == CANCEL {
+                continue;
+            }
+            if let Some(done) = slab.complete(cqe.user_data(), cqe.result(), cqe.flags()) {
+                out.push(done);
+            }
+        }
+    }
+}
+
+impl Backend for Uring {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn push(&mut self, user_data: u64, sqe: Sqe) {
+        let op = match sqe {
+            Sqe::Cancel { target } => return self.cancel(target),
+            Sqe::Accept { fd } => Op::Accept { fd },
+            Sqe::Recv { fd, buf } => {
+                debug_assert!(buf.capacity() > buf.len(), "a recv needs spare capacity");
+                Op::Recv { fd, buf }
+            }
+            Sqe::Send {
+                fd,
+                buf,
+                start,
+                end,
+            } => Op::Send {
+                fd,
+                buf,
+                start,
+                end,
+            },
+            Sqe::Connect { fd, addr } => Op::Connect {
+                fd,
+                addr: Box::new(addr),
+            },
+        };
+        let (key, op) = self.slab.insert(user_data, op);
+        let entry = op.prepare().user_data(key);
+        self.queue(entry);
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Cqe>) -> io::Result<()> {
+        // With entries still in the backlog, only reap: waiting could wait on them.
+        let timeout = if self.flush_backlog() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        let submitter = self.ring.submitter();
+        let entered = match timeout {
+            None => submitter.submit_and_wait(1),
+            Some(timeout) => {
+                let ts = types::Timespec::from(timeout);
+                submitter.submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+            }
+        };
+        if let Err(e) = entered {
+            match e.raw_os_error() {
+                // The timeout passed, or a signal came: reap what is there.
+                // EBUSY/EAGAIN: the kernel wants completions reaped (older kernels with an
+                // overflowed completion queue) or is short of memory: reap, the loop comes back.
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
+                _ => return Err(e),
+            }
+        }
+        self.drain(out);
+        Ok(())
+    }
+
+    fn close(&mut self, fd: OwnedFd) {
+        drop(fd);
+    }
+}
+
+impl Drop for Uring {
+    /// Cancels what is still in flight and waits (briefly) for it, so that no buffer is freed
+    /// while the kernel may still write into it; what does not come back in time is leaked.
+    fn drop(&mut self) {
+        if self.slab.in_flight() == 0 {
+            return;
+        }
+        for index in 0..self.slab.slots.len() {
+            if let Some((key, _)) = self.slab.busy(index) {
+                self.queue(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
+            }
+        }
+        let deadline = Instant::now() + DROP_GRACE;
+        let mut out = Vec::new();
+        while self.slab.in_flight() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.wait(Some(left), &mut out).is_err() {
+                break;
+            }
+            out.clear();
+        }
+        if self.slab.in_flight() > 0 {
+            // The kernel may still reach these buffers after the ring is closed.
+            std::mem::forget(std::mem::take(&mut self.slab.slots));
+        }
+    }
+}
+
+/// Sets up a ring the way [`Uring::new`] does, for the gateway's start-up check: fails where
+/// io_uring is denied (seccomp, `kernel.io_uring_disabled`) or lacks what this backend uses
+/// (timed waits; multishot accept, which came in 5.19 with `COOP_TASKRUN`, so a kernel that
+/// refuses both task-running modes is too old).
+pub(crate) fn probe() -> io::Result<()> {
+    let ring = Uring::new(8)?;
+    if ring.setup() == SETUP_NONE {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring refuses COOP_TASKRUN (kernel before 5.19): no multishot accept",
+        ));
+    }
+    Ok(())
+}
+
+/// Builds a ring with `SINGLE_ISSUER|DEFER_TASKRUN`, else `COOP_TASKRUN|TASKRUN_FLAG`, else
+/// no flags, stepping down only when the kernel refuses the flags (`EINVAL`).
+fn build(entries: u32) -> io::Result<(IoUring, &'static str)> {
+    let refused = |e: &io::Error| e.raw_os_error() == Some(libc::EINVAL);
+    match IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+    {
+        Ok(ring) => return Ok((ring, SETUP_DEFER)),
+        Err(e) if !refused(&e) => return Err(e),
+        Err(_) => {}
+    }
+    match IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(entries)
+    {
+        Ok(ring) => return Ok((ring, SETUP_COOP)),
+        Err(e) if !refused(&e) => return Err(e),
+        Err(_) => {}
+    }
+    Ok((IoUring::new(entries)?, SETUP_NONE))
+}
+
+/// Puts `entry` in the submission queue; false if it is full.
+fn sq_push(ring: &mut IoUring, entry: &squeue::Entry) -> bool {
+    // SAFETY: every entry this backend builds either points at nothing (cancels) or into
+    // memory its table slot owns: a `Vec`'s heap buffer or a boxed address, neither of which
+    // moves when the slot (or the table) does, and neither of which is freed or touched until
+    // the operation's final completion frees the slot.
+    unsafe { ring.submission().push(entry).is_ok() }
+}
+
+/// A length the kernel takes as `u32`: longer buffers make a short operation.
+fn op_len(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+/// An in-flight operation and what it lends the kernel.
+#[derive(Debug)]
+enum Op {
+    /// A multishot accept on a listening socket: lends nothing.
+    Accept {
+        /// The listening socket.
+        fd: RawFd,
+    },
+    /// A recv into `buf`'s spare capacity.
+    Recv {
+        /// The socket.
+        fd: RawFd,
+        /// The kernel writes past its length.
+        buf: Vec<u8>,
+    },
+    /// A send of `buf[start..end]`.
+    Send {
+        /// The socket.
+        fd: RawFd,
+        /// The kernel reads from it.
+        buf: Vec<u8>,
+        /// First byte to send.
+        start: usize,
+        /// One past the last.
+        end: usize,
+    },
+    /// A connect.
+    Connect {
+        /// The socket.
+        fd: RawFd,
+        /// The kernel reads it; boxed so it stays put when the table grows.
+        addr: Box<SockAddr>,
+    },
+}
+
+impl Op {
+    /// The submission entry for this operation, pointing into what it owns.
+    fn prepare(&mut self) -> squeue::Entry {
+        match self {
+            Self::Accept { fd } => opcode::AcceptMulti::new(types::Fd(*fd))
+                .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                .build(),
+            Self::Recv { fd, buf } => {
+                let spare = buf.spare_capacity_mut();
+                opcode::Recv::new(
+                    types::Fd(*fd),
+                    spare.as_mut_ptr().cast(),
+                    op_len(spare.len()),
+                )
+                .build()
+            }
+            Self::Send {
+                fd,
+                buf,
+                start,
+                end,
+            } => {
+                let bytes = &buf[*start..*end];
+                opcode::Send::new(types::Fd(*fd), bytes.as_ptr(), op_len(bytes.len()))
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            }
+            Self::Connect { fd, addr } => {
+                opcode::Connect::new(types::Fd(*fd), addr.as_ptr(), addr.len()).build()
+            }
+        }
+    }
+}
+
+/// An operation the kernel has not finished.
+#[derive(Debug)]
+struct InFlight {
+    /// The loop's user data for it.
+    user_data: u64,
+    /// The operation and what it lends.
+    op: Op,
+}
+
+/// One place in the in-flight table.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Counts the slot's uses, so a ring user data names one use of it.
+    generation: u32,
+    /// The operation using it; `None` while the slot is on the free list.
+    op: Option<InFlight>,
+}
+
+/// The in-flight table: slots reused through a free list, so a steady loop allocates nothing.
+#[derive(Debug, Default)]
+struct Slab {
+    /// Every slot ever used.
+    slots: Vec<Slot>,
+    /// Indices of the free slots.
+    free: Vec<u32>,
+}
+
+impl Slab {
+    /// Stores `op` in a free slot; returns the ring user data naming this use of it, and the
+    /// stored operation.
+    fn insert(&mut self, user_data: u64, op: Op) -> (u64, &mut Op) {
+        let index = self.free.pop().unwrap_or_else(|| {
+            // Invariant: fewer than u32::MAX operations are ever in flight (each holds a
+            // socket), so indices fit and none collides with `CANCEL`.
+            let index = u32::try_from(self.slots.len())
+                .ok()
+                .filter(|&i| i < u32::MAX)
+                .expect("in-flight table full");
+            self.slots.push(Slot::default());
+            index
+        });
+        let slot = &mut self.slots[index as usize];
+        slot.generation = slot.generation.wrapping_add(1);
+        let key = (u64::from(slot.generation) << 32) | u64::from(index);
+        let stored = slot.op.insert(InFlight { user_data, op });
+        (key, &mut stored.op)
+    }
+
+    /// The ring and loop user data of the operation in slot `index`, if one is there.
+    fn busy(&self, index: usize) -> Option<(u64, u64)> {
+        let slot = &self.slots[index];
+        let op = slot.op.as_ref()?;
+        Some((
+            (u64::from(slot.generation) << 32) | index as u64,
+            op.user_data,
+        ))
+    }
+
+    /// The slot `key` names, if it is still that use of it.
+    fn slot(&mut self, key: u64) -> Option<&mut Slot> {
+        let slot = self.slots.get_mut((key & u64::from(u32::MAX)) as usize)?;
+        (slot.op.is_some() && u64::from(slot.generation) == key >> 32).then_some(slot)
+    }
+
+    /// How many operations are in flight.
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Turns the kernel's completion of `key` into the loop's, freeing the slot unless the
+    /// operation goes on (a multishot accept with `more`).
+    fn complete(&mut self, key: u64, result: i32, flags: u32) -> Option<Cqe> {
+        let more = cqueue::more(flags);
+        let Some(slot) = self.slot(key) else {
+            debug_assert!(false, "completion for no operation: {key:#x}");
+            return None;
+        };
+        let accepting = matches!(
+            slot.op,
+            Some(InFlight {
+                op: Op::Accept { .. },
+                ..
+            })
+        );
+        // `slot` holds an operation (`Slab::slot` checked), so neither `?` below returns.
+        let (user_data, op) = if accepting && more {
+            (slot.op.as_ref()?.user_data, None)
+        } else {
+            let InFlight { user_data, op } = slot.op.take()?;
+            self.free.push((key & u64::from(u32::MAX)) as u32);
+            (user_data, Some(op))
+        };
+        let mut cqe = Cqe {
+            user_data,
+            result,
+            buf: None,
+            accepted: None,
+            more: false,
+        };
+        match op {
+            None | Some(Op::Accept { .. }) => {
+                if result >= 0 {
+                    // SAFETY: a non-negative accept result is a socket the kernel has just
+                    // created for this completion; nothing else owns it or will close it.
+                    cqe.accepted = Some(unsafe { OwnedFd::from_raw_fd(result) });
+                    cqe.result = 0;
+                }
+                cqe.more = more;
+            }
+            Some(Op::Recv { mut buf, .. }) => {
+                if let Ok(read) = usize::try_from(result) {
+                    assert!(
+                        read <= buf.capacity() - buf.len(),
+                        "the kernel read more than the recv lent it"
+                    );
+                    // SAFETY: the kernel wrote exactly `read` bytes at `buf.len()..`, the spare
+                    // capacity this recv lent it, so the first `len + read` bytes are
+                    // initialised, and the assert above keeps them within the capacity.
+                    unsafe { buf.set_len(buf.len() + read) };
+                }
+                cqe.buf = Some(buf);
+            }
+            Some(Op::Send { buf, .. }) => cqe.buf = Some(buf),
+            Some(Op::Connect { .. }) => {}
+        }
+        Some(cqe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::thread;
+
+    use super::*;
+
+    /// Waits until `n` completions have come (or fails after five seconds).
+    fn collect(ring: &mut Uring, n: usize) -> Vec<Cqe> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("timed out with {} of {n} completions", out.len()));
+            ring.wait(Some(left), &mut out).unwrap();
+        }
+        assert_eq!(out.len(), n, "more completions than expected: {out:?}");
+        out
+    }
+
+    /// Fails if any completion comes within `for_`.
+    fn assert_quiet(ring: &mut Uring, for_: Duration) {
+        let mut out = Vec::new();
+        ring.wait(Some(for_), &mut out).unwrap();
+        assert!(out.is_empty(), "unexpected completions: {out:?}");
+    }
+
+    /// A connected loopback pair: (client, server), both blocking.
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    /// Deterministic, non-repeating-looking test bytes.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn setup_takes_flags_and_probe_passes() {
+        let ring = Uring::new(8).unwrap();
+        eprintln!("io_uring setup: {}", ring.setup());
+        assert!([SETUP_DEFER, SETUP_COOP, SETUP_NONE].contains(&ring.setup()));
+        probe().unwrap();
+    }
+
+    #[test]
+    fn multishot_accept_gets_each_connection_until_cancelled() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut ring = Uring::new(16).unwrap();
+        ring.push(
+            1,
+            Sqe::Accept {
+                fd: listener.as_raw_fd(),
+            },
+        );
+        let clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(listener.local_addr().unwrap()).unwrap())
+            .collect();
+        let done = collect(&mut ring, 3);
+        for cqe in done {
+            assert_eq!((cqe.user_data, cqe.result, cqe.more), (1, 0, true));
+            let mut accepted = TcpStream::from(cqe.accepted.expect("an accepted socket"));
+            let mut byte = [0; 1];
+            // Non-blocking, as asked: nothing to read yet.
+            assert_eq!(
+                accepted.read(&mut byte).unwrap_err().kind(),
+                ErrorKind::WouldBlock
+            );
+            let peer = accepted.peer_addr().unwrap();
+            let mut client = clients
+                .iter()
+                .find(|c| c.local_addr().unwrap() == peer)
+                .unwrap();
+            client.write_all(&[peer.port() as u8]).unwrap();
+            accepted.set_nonblocking(false).unwrap();
+            accepted.read_exact(&mut byte).unwrap();
+            assert_eq!(byte[0], peer.port() as u8);
+        }
+        ring.push(2, Sqe::Cancel { target: 1 });
+        let done = collect(&mut ring, 1);
+        assert_eq!((done[0].user_data, done[0].result), (1, -libc::ECANCELED));
+        assert!(!done[0].more && done[0].accepted.is_none());
+        assert_quiet(&mut ring, Duration::from_millis(50));
+        assert_eq!(ring.slab.in_flight(), 0);
+    }
+
+    #[test]
+    fn recv_appends_after_existing_content_then_reports_eof() {
+        let (mut client, server) = pair();
+        let mut ring = Uring::new(8).unwrap();
+        let mut buf = Vec::with_capacity(64);
+        buf.extend_from_slice(b"head:");
+        client.write_all(b"hello world").unwrap();
+        ring.push(
+            5,
+            Sqe::Recv {
+                fd: server.as_raw_fd(),
+                buf,
+            },
+        );
+        let cqe = collect(&mut ring, 1).pop().unwrap();
+        assert_eq!((cqe.user_data, cqe.result, cqe.more), (5, 11, false));
+        let buf = cqe.buf.unwrap();
+        assert_eq!(buf, b"head:hello world");
+        client.shutdown(Shutdown::Write).unwrap();
+        ring.push(
+            6,
+            Sqe::Recv {
+                fd: server.as_raw_fd(),
+                buf,
+            },
+        );
+        let cqe = collect(&mut ring, 1).pop().unwrap();
+        assert_eq!((cqe.user_data, cqe.result), (6, 0));
+        assert_eq!(cqe.buf.unwrap(), b"head:hello world");
+    }
+
+    #[test]
+    fn short_send_sends_the_range_and_returns_the_buffer() {
+        let (mut client, server) = pair();
+        let mut ring = Uring::new(8).unwrap();
+        let buf = b"0123456789".to_vec();
+        ring.push(
+            9,
+            Sqe::Send {
+                fd: server.as_raw_fd(),
+                buf,
+                start: 2,
+                end: 7,
+            },
+        );
+        let cqe = collect(&mut ring, 1).pop().unwrap();
+        assert_eq!((cqe.user_data, cqe.result), (9, 5));
+        assert_eq!(cqe.buf.unwrap(), b"0123456789");
+        let mut got = [0; 5];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"23456");
+    }
+
+    #[test]
+    fn large_send_to_a_slow_reader_arrives_whole() {
+        const LEN: usize = 4 << 20;
+        let (mut client, server) = pair();
+        let reader = thread::spawn(move || {
+            let mut got = Vec::with_capacity(LEN);
+            let mut chunk = vec![0; 64 << 10];
+            while got.len() < LEN {
+                thread::sleep(Duration::from_millis(2));
+                let n = client.read(&mut chunk).unwrap();
+                assert_ne!(n, 0, "early end of stream");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got
+        });
+        let mut ring = Uring::new(8).unwrap();
+        let mut buf = pattern(LEN);
+        let (mut sent, mut sends) = (0, 0);
+        while sent < LEN {
+            ring.push(
+                3,
+                Sqe::Send {
+                    fd: server.as_raw_fd(),
+                    buf,
+                    start: sent,
+                    end: LEN,
+                },
+            );
+            let cqe = collect(&mut ring, 1).pop().unwrap();
+            assert!(cqe.result > 0, "send failed: {}", cqe.result);
+            sent += usize::try_from(cqe.result).unwrap();
+            sends += 1;
+            buf = cqe.buf.unwrap();
+            assert_eq!(buf.len(), LEN);
+        }
+        assert_eq!(sent, LEN);
+        assert_eq!(buf, pattern(LEN), "the send changed its buffer");
+        let got = reader.join().unwrap();
+        assert!(
+            got == buf,
+            "the peer read other bytes than were sent ({sends} sends)"
+        );
+    }
+
+    #[test]
+    fn connect_succeeds_to_a_listener_and_is_refused_by_a_closed_port() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let new_socket = || {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        };
+        let mut ring = Uring::new(8).unwrap();
+        let socket = new_socket();
+        ring.push(
+            4,
+            Sqe::Connect {
+                fd: socket.as_raw_fd(),
+                addr: addr.into(),
+            },
+        );
+        let cqe = collect(&mut ring, 1).pop().unwrap();
+        assert_eq!((cqe.user_data, cqe.result), (4, 0));
+        let (mut accepted, peer) = listener.accept().unwrap();
+        assert_eq!(peer, socket.local_addr().unwrap().as_socket().unwrap());
+        let mut client = TcpStream::from(socket);
+        client.set_nonblocking(false).unwrap();
+        client.write_all(b"ping").unwrap();
+        let mut got = [0; 4];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+
+        drop(listener);
+        let socket = new_socket();
+        ring.push(
+            8,
+            Sqe::Connect {
+                fd: socket.as_raw_fd(),
+                addr: addr.into(),
+            },
+        );
+        let cqe = collect(&mut ring, 1).pop().unwrap();
+        assert_eq!((cqe.user_data, cqe.result), (8, -libc::ECONNREFUSED));
+    }
+
+    #[test]
+    fn cancel_ends_a_pending_recv_and_has_no_completion_of_its_own() {
+        let (_client, server) = pair();
+        let mut ring = Uring::new(8).unwrap();
+        let mut buf = Vec::with_capacity(32);
+        buf.extend_from_slice(b"keep");
+        ring.push(
+            7,
+            Sqe::Recv {
+                fd: server.as_raw_fd(),
+                buf,
+            },
+        );
+        assert_quiet(&mut ring, Duration::ZERO);
+        ring.push(70, Sqe::Cancel { target: 7 });
+        let cqe = collect(&mut ring, 1).pop().unwrap();
+        assert_eq!((cqe.user_data, cqe.result), (7, -libc::ECANCELED));
+        assert_eq!(cqe.buf.unwrap(), b"keep");
+        // A cancel of what is no longer in flight does nothing either.
+        ring.push(71, Sqe::Cancel { target: 7 });
+        assert_quiet(&mut ring, Duration::from_millis(50));
+        assert_eq!(ring.slab.in_flight(), 0);
+    }
+
+    #[test]
+    fn cancel_in_the_same_batch_as_its_recv() {
+        let (_client, server) = pair();
+        let mut ring = Uring::new(8).unwrap();
+        ring.push(
+            7,
+            Sqe::Recv {
+                fd: server.as_raw_fd(),
+                buf: Vec::with_capacity(8),
+            },
+        );
+        ring.push(70, Sqe::Cancel { target: 7 });
+        let cqe = collect(&mut ring, 1).pop().unwrap();
+        assert_eq!((cqe.user_data, cqe.result), (7, -libc::ECANCELED));
+        assert_quiet(&mut ring, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn wait_with_nothing_pending_returns_after_the_timeout() {
+        let mut ring = Uring::new(8).unwrap();
+        let start = Instant::now();
+        assert_quiet(&mut ring, Duration::from_millis(100));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(95),
+            "returned early: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(1), "returned late: {waited:?}");
+        let start = Instant::now();
+        assert_quiet(&mut ring, Duration::ZERO);
+        assert!(start.elapsed() < Duration::from_millis(500));
+    }
+
+    #[test]
+    fn shutdown_completes_a_pending_recv_with_end_of_stream() {
+        let (_client, server) = pair();
+        let mut ring = Uring::new(8).unwrap();
+        let mut buf = Vec::with_capacity(16);
+        buf.push(b'x');
+        ring.push(
+            11,
+            Sqe::Recv {
+                fd: server.as_raw_fd(),
+                buf,
+            },
+        );
+        let mut out = Vec::new();
+        ring.wait(Some(Duration::ZERO), &mut out).unwrap();
+        if let Some(cqe) = out.pop() {
+            panic!("recv completed before shutdown: {cqe:?}");
+        }
+        server.shutdown(Shutdown::Both).unwrap();
+        let cqe = collect(&mut ring, 1).pop().unwrap();
+        assert_eq!((cqe.user_data, cqe.result), (11, 0));
+        assert_eq!(cqe.buf.unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_full_submission_queue_is_submitted_to_make_room() {
+        let pairs: Vec<(TcpStream, TcpStream)> = (0..8).map(|_| pair()).collect();
+        let mut ring = Uring::new(2).unwrap();
+        for (i, (client, server)) in pairs.iter().enumerate() {
+            (&*client)
+                .write_all(format!("message {i}").as_bytes())
+                .unwrap();
+            ring.push(
+                i as u64,
+                Sqe::Recv {
+                    fd: server.as_raw_fd(),
+                    buf: Vec::with_capacity(64),
+                },
+            );
+        }
+        let mut done = collect(&mut ring, 8);
+        done.sort_by_key(|cqe| cqe.user_data);
+        for (i, cqe) in done.into_iter().enumerate() {
+            assert_eq!(cqe.user_data, i as u64);
+            assert_eq!(cqe.buf.unwrap(), format!("message {i}").as_bytes());
+        }
+    }
+
+    #[test]
+    fn dropping_the_ring_cancels_what_is_in_flight() {
+        let (_client, server) = pair();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ring = Uring::new(8).unwrap();
+        ring.push(
+            1,
+            Sqe::Accept {
+                fd: listener.as_raw_fd(),
+            },
+        );
+        ring.push(
+            2,
+            Sqe::Recv {
+                fd: server.as_raw_fd(),
+                buf: Vec::with_capacity(16),
+            },
+        );
+        assert_quiet(&mut ring, Duration::ZERO);
+        let start = Instant::now();
+        drop(ring);
+        // Under the grace period: every operation came back, none was leaked.
+        assert!(
+            start.elapsed() < DROP_GRACE,
+            "drop waited {:?}",
+            start.elapsed()
+        );
+    }
+}
