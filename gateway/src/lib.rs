@@ -27,6 +27,12 @@ mod upstream;
 mod uring;
 mod worker;
 
+/// Entry points for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::conn::fuzzing::relay;
+}
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -24,6 +24,8 @@ use crate::metrics::CoreMetrics;
 use crate::reload::{Generation, Shared};
 
 pub(crate) mod echo;
+mod fake;
+pub(crate) mod fuzzing;
 pub(crate) mod relay;
 #[cfg(test)]
 mod sim;
