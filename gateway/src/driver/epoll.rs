@@ -1,0 +1,598 @@
+//! The readiness backend: io_uring's completion model emulated over epoll (through `mio`), for
+//! hosts that deny io_uring (Docker's default seccomp profile, `kernel.io_uring_disabled`).
+//!
+//! The loop above is written for completions: it pushes an operation and later receives its
+//! result. So an operation here is tried at once when its socket is believed ready (as io_uring
+//! does), and parked when the kernel says `EAGAIN`; an edge-triggered readiness event for its
+//! socket retries it. Every result, immediate or not, is queued and handed out by the next
+//! [`Backend::wait`], never from inside [`Backend::push`], so the loop cannot tell the two
+//! backends apart except by timing.
+//!
+//! Per socket this keeps, in a `Vec` indexed by the fd number, whether it is registered with
+//! epoll, its last known readiness (true after an event, false after `EAGAIN`; a new socket
+//! starts ready so its first operation is tried at once) and its parked operations, at most one
+//! of each kind. Edge-triggered epoll loses no wake-up under this scheme: a socket is
+//! registered before its first attempt, and epoll reports every readiness change after the
+//! `EAGAIN` that parked an operation.
+//!
+//! The one `unsafe` need is operating on a socket the loop owns, by its raw number
+//! ([`BorrowedFd::borrow_raw`]), and growing a read buffer by the bytes the kernel wrote.
+#![expect(
+    unsafe_code,
+    reason = "sockets the loop owns are borrowed by their raw fd for each syscall, and a read \
+              buffer's length grows by the bytes recv(2) initialised"
+)]
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use socket2::{SockAddr, SockRef};
+
+use super::{Backend, Cqe, Sqe};
+
+/// Readiness events taken from the kernel per `epoll_wait`; more stay queued for the next.
+const EVENTS: usize = 1024;
+
+/// The most bytes one recv or send moves, so that a count always fits a [`Cqe`]'s `i32`
+/// result (io_uring's lengths are 32-bit too).
+const MAX_IO: usize = i32::MAX as usize;
+
+/// The epoll backend: a `mio` poller and the state of every socket it has seen.
+pub(crate) struct Epoll {
+    /// The epoll instance.
+    poll: Poll,
+    /// Reused buffer for the events of one `epoll_wait`.
+    events: Events,
+    /// Sockets, parked operations and queued completions.
+    core: Core,
+}
+
+/// Everything but the poller, so that events can be handled while the event buffer is
+/// borrowed.
+struct Core {
+    /// Per-socket state, indexed by fd number; grown on demand.
+    fds: Vec<FdState>,
+    /// Completions not yet handed out by `wait`.
+    ready: Vec<Cqe>,
+    /// The fd of every parked operation, by user data: how a cancel finds its target without
+    /// scanning every socket.
+    parked: HashMap<u64, RawFd, BuildHasherDefault<MixHasher>>,
+}
+
+/// What is known of one socket.
+struct FdState {
+    /// Registered with epoll (for reading and writing, edge-triggered).
+    registered: bool,
+    /// No read-side syscall said `EAGAIN` since the last event that said readable.
+    readable: bool,
+    /// No write-side syscall said `EAGAIN` since the last event that said writable.
+    writable: bool,
+    /// A read waiting for data.
+    recv: Option<RecvOp>,
+    /// A write waiting for room.
+    send: Option<SendOp>,
+    /// The user data of a connect in progress (waiting for writability).
+    connect: Option<u64>,
+    /// The user data of an accept waiting for connections.
+    accept: Option<u64>,
+}
+
+impl FdState {
+    /// A socket not seen yet: unregistered, believed ready, nothing parked.
+    const NEW: Self = Self {
+        registered: false,
+        readable: true,
+        writable: true,
+        recv: None,
+        send: None,
+        connect: None,
+        accept: None,
+    };
+}
+
+/// A parked `Recv`.
+struct RecvOp {
+    /// What it was pushed with.
+    user_data: u64,
+    /// Where the bytes go (into its spare capacity).
+    buf: Vec<u8>,
+}
+
+/// A parked `Send`.
+struct SendOp {
+    /// What it was pushed with.
+    user_data: u64,
+    /// Holds the bytes.
+    buf: Vec<u8>,
+    /// First byte to send.
+    start: usize,
+    /// One past the last byte to send.
+    end: usize,
+}
+
+/// What one attempt at an operation came to.
+enum Attempt {
+    /// It finished with this result (bytes moved, or a negative errno).
+    Done(i32),
+    /// The kernel said `EAGAIN`: it waits for the next readiness event.
+    Again,
+}
+
+impl Epoll {
+    /// Opens an epoll instance.
+    pub(crate) fn new() -> io::Result<Self> {
+        Ok(Self {
+            poll: Poll::new()?,
+            events: Events::with_capacity(EVENTS),
+            core: Core {
+                fds: Vec::new(),
+                ready: Vec::new(),
+                parked: HashMap::default(),
+            },
+        })
+    }
+}
+
+impl Backend for Epoll {
+    fn name(&self) -> &'static str {
+        "epoll"
+    }
+
+    fn push(&mut self, user_data: u64, sqe: Sqe) {
+        self.core.push(self.poll.registry(), user_data, sqe);
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Cqe>) -> io::Result<()> {
+        // When the first poll returns only events that complete nothing (a retry that met
+        // EAGAIN), poll again until the deadline, as io_uring would still be waiting.
+        let deadline = match timeout {
+            Some(t) if !t.is_zero() && self.core.ready.is_empty() => Instant::now().checked_add(t),
+            _ => None,
+        };
+        let mut next = timeout;
+        let result = loop {
+            let t = if self.core.ready.is_empty() {
+                next
+            } else {
+                Some(Duration::ZERO)
+            };
+            match self.poll.poll(&mut self.events, t) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            for event in &self.events {
+                self.core.on_event(event);
+            }
+            if !self.core.ready.is_empty() {
+                break Ok(());
+            }
+            next = match (timeout, deadline) {
+                (Some(_), Some(at)) => match at.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => break Ok(()),
+                },
+                (Some(t), None) if t.is_zero() => break Ok(()),
+                // No limit, or one too long to have a deadline (no limit, in effect).
+                (None, _) | (Some(_), None) => None,
+            };
+        };
+        out.append(&mut self.core.ready);
+        result
+    }
+
+    fn close(&mut self, fd: OwnedFd) {
+        self.core.close(self.poll.registry(), fd.as_raw_fd());
+        drop(fd);
+    }
+}
+
+impl Core {
+    /// Tries `sqe` at once where its socket is believed ready, else parks it.
+    fn push(&mut self, registry: &Registry, user_data: u64, sqe: Sqe) {
+        let fd = match &sqe {
+            Sqe::Cancel { target } => {
+                self.cancel(*target);
+                return;
+            }
+            Sqe::Accept { fd }
+            | Sqe::Recv { fd, .. }
+            | Sqe::Send { fd, .. }
+            | Sqe::Connect { fd, .. } => *fd,
+        };
+        let Some(i) = self.slot(fd) else {
+            let errno = if fd < 0 { libc::EBADF } else { libc::ENOMEM };
+            self.fail(user_data, sqe, errno);
+            return;
+        };
+        if let Err(e) = self.register(registry, fd, i) {
+            self.fail(user_data, sqe, errno(&e));
+            return;
+        }
+        let st = &mut self.fds[i];
+        match sqe {
+            Sqe::Recv { buf, .. } => {
+                if st.recv.is_some() {
+                    debug_assert!(false, "a second Recv on fd {fd}");
+                    self.ready.push(cqe(user_data, -libc::EBUSY, Some(buf)));
+                    return;
+                }
+                let mut op = RecvOp { user_data, buf };
+                if st.readable {
+                    match recv(fd, &mut op.buf) {
+                        Attempt::Done(res) => {
+                            self.ready.push(cqe(user_data, res, Some(op.buf)));
+                            return;
+                        }
+                        Attempt::Again => st.readable = false,
+                    }
+                }
+                st.recv = Some(op);
+            }
+            Sqe::Send {
+                buf, start, end, ..
+            } => {
+                if st.send.is_some() {
+                    debug_assert!(false, "a second Send on fd {fd}");
+                    self.ready.push(cqe(user_data, -libc::EBUSY, Some(buf)));
+                    return;
+                }
+                let op = SendOp {
+                    user_data,
+                    buf,
+                    start,
+                    end,
+                };
+                if st.writable {
+                    match send(fd, &op) {
+                        Attempt::Done(res) => {
+                            self.ready.push(cqe(user_data, res, Some(op.buf)));
+                            return;
+                        }
+                        Attempt::Again => st.writable = false,
+                    }
+                }
+                st.send = Some(op);
+            }
+            Sqe::Connect { addr, .. } => {
+                if st.connect.is_some() {
+                    debug_assert!(false, "a second Connect on fd {fd}");
+                    self.ready.push(cqe(user_data, -libc::EBUSY, None));
+                    return;
+                }
+                // A connect is always tried: it is what makes the socket writable.
+                match connect(fd, &addr) {
+                    Attempt::Done(res) => {
+                        self.ready.push(cqe(user_data, res, None));
+                        return;
+                    }
+                    Attempt::Again => st.writable = false,
+                }
+                st.connect = Some(user_data);
+            }
+            Sqe::Accept { .. } => {
+                if st.accept.is_some() {
+                    debug_assert!(false, "a second Accept on fd {fd}");
+                    self.ready.push(cqe(user_data, -libc::EBUSY, None));
+                    return;
+                }
+                if st.readable {
+                    match accept(fd, user_data, &mut self.ready) {
+                        Attempt::Done(_) => return,
+                        Attempt::Again => st.readable = false,
+                    }
+                }
+                st.accept = Some(user_data);
+            }
+            Sqe::Cancel { .. } => unreachable!("handled above"),
+        }
+        self.parked.insert(user_data, fd);
+    }
+
+    /// Completes an operation that could not start with `-errno`, handing its buffer back.
+    fn fail(&mut self, user_data: u64, sqe: Sqe, errno: i32) {
+        let buf = match sqe {
+            Sqe::Recv { buf, .. } | Sqe::Send { buf, .. } => Some(buf),
+            Sqe::Accept { .. } | Sqe::Connect { .. } | Sqe::Cancel { .. } => None,
+        };
+        self.ready.push(cqe(user_data, -errno, buf));
+    }
+
+    /// The state index of `fd`, growing the table to hold it; `None` for a negative fd or
+    /// one beyond what a table can hold.
+    fn slot(&mut self, fd: RawFd) -> Option<usize> {
+        let i = usize::try_from(fd).ok()?;
+        if i >= self.fds.len() {
+            self.fds.try_reserve(i + 1 - self.fds.len()).ok()?;
+            self.fds.resize_with(i + 1, || FdState::NEW);
+        }
+        Some(i)
+    }
+
+    /// Registers `fd` (state index `i`) with epoll unless it is already.
+    fn register(&mut self, registry: &Registry, fd: RawFd, i: usize) -> io::Result<()> {
+        let st = &mut self.fds[i];
+        if !st.registered {
+            registry.register(
+                &mut SourceFd(&fd),
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            st.registered = true;
+        }
+        Ok(())
+    }
+
+    /// Marks the readiness an event reports and retries the operations it may let finish.
+    fn on_event(&mut self, event: &mio::event::Event) {
+        let i = event.token().0;
+        let Some(st) = self.fds.get_mut(i) else {
+            return;
+        };
+        if !st.registered {
+            return;
+        }
+        // Token = fd, so it fits a RawFd back.
+        let Ok(fd) = RawFd::try_from(i) else { return };
+        // An error or hang-up wakes both sides: the retried syscall reports it.
+        let error = event.is_error();
+        if event.is_readable() || event.is_read_closed() || error {
+            st.readable = true;
+            if let Some(mut op) = st.recv.take() {
+                match recv(fd, &mut op.buf) {
+                    Attempt::Done(res) => {
+                        self.parked.remove(&op.user_data);
+                        self.ready.push(cqe(op.user_data, res, Some(op.buf)));
+                    }
+                    Attempt::Again => {
+                        st.readable = false;
+                        st.recv = Some(op);
+                    }
+                }
+            }
+            if let Some(user_data) = st.accept {
+                match accept(fd, user_data, &mut self.ready) {
+                    Attempt::Done(_) => {
+                        st.accept = None;
+                        self.parked.remove(&user_data);
+                    }
+                    Attempt::Again => st.readable = false,
+                }
+            }
+        }
+        if event.is_writable() || event.is_write_closed() || error {
+            st.writable = true;
+            if let Some(user_data) = st.connect {
+                match connected(fd) {
+                    Attempt::Done(res) => {
+                        st.connect = None;
+                        self.parked.remove(&user_data);
+                        self.ready.push(cqe(user_data, res, None));
+                    }
+                    Attempt::Again => st.writable = false,
+                }
+            }
+            if let Some(op) = st.send.take() {
+                match send(fd, &op) {
+                    Attempt::Done(res) => {
+                        self.parked.remove(&op.user_data);
+                        self.ready.push(cqe(op.user_data, res, Some(op.buf)));
+                    }
+                    Attempt::Again => {
+                        st.writable = false;
+                        st.send = Some(op);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Completes the parked operation pushed with `target` with `-ECANCELED`; nothing if it
+    /// finished already.
+    fn cancel(&mut self, target: u64) {
+        let Some(fd) = self.parked.remove(&target) else {
+            return;
+        };
+        let Some(st) = usize::try_from(fd).ok().and_then(|i| self.fds.get_mut(i)) else {
+            return;
+        };
+        let cancelled = if st.recv.as_ref().is_some_and(|op| op.user_data == target) {
+            st.recv.take().map(|op| op.buf)
+        } else if st.send.as_ref().is_some_and(|op| op.user_data == target) {
+            st.send.take().map(|op| op.buf)
+        } else if st.connect == Some(target) {
+            st.connect = None;
+            None
+        } else if st.accept == Some(target) {
+            st.accept = None;
+            None
+        } else {
+            return;
+        };
+        self.ready.push(cqe(target, -libc::ECANCELED, cancelled));
+    }
+
+    /// Forgets `fd`: deregisters it and resets its state, so that a later socket with the
+    /// same number starts afresh.
+    fn close(&mut self, registry: &Registry, fd: RawFd) {
+        let Some(st) = usize::try_from(fd).ok().and_then(|i| self.fds.get_mut(i)) else {
+            return;
+        };
+        let st = std::mem::replace(st, FdState::NEW);
+        if st.registered
+            && let Err(e) = registry.deregister(&mut SourceFd(&fd))
+        {
+            tracing::debug!(fd, error = %e, "epoll: deregister failed");
+        }
+        // The loop closes a socket only once none of its operations is in flight; should one
+        // be parked anyway, it still completes exactly once.
+        debug_assert!(
+            st.recv.is_none() && st.send.is_none() && st.connect.is_none() && st.accept.is_none(),
+            "fd {fd} closed with an operation in flight"
+        );
+        let parked = [
+            st.recv.map(|op| (op.user_data, Some(op.buf))),
+            st.send.map(|op| (op.user_data, Some(op.buf))),
+            st.connect.map(|u| (u, None)),
+            st.accept.map(|u| (u, None)),
+        ];
+        for (user_data, buf) in parked.into_iter().flatten() {
+            self.parked.remove(&user_data);
+            self.ready.push(cqe(user_data, -libc::ECANCELED, buf));
+        }
+    }
+}
+
+/// A completion.
+fn cqe(user_data: u64, result: i32, buf: Option<Vec<u8>>) -> Cqe {
+    Cqe {
+        user_data,
+        result,
+        buf,
+        accepted: None,
+        more: false,
+    }
+}
+
+/// The errno of a failed syscall (`EIO` should one come without).
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// A byte count as a [`Cqe`] result; every count is at most [`MAX_IO`].
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Runs `f` on the socket `fd`, borrowed for the call.
+fn with_socket<R>(fd: RawFd, f: impl FnOnce(&SockRef<'_>) -> R) -> R {
+    // SAFETY: `Backend`'s contract: the loop keeps a socket open while any of its operations
+    // is in flight and closes it only through `Backend::close`, which forgets its parked
+    // operations first; so `fd` (never -1: it indexed the state table) is open for this
+    // borrow, which ends with the call.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    f(&SockRef::from(&borrowed))
+}
+
+/// One read into `buf`'s spare capacity, appended after its bytes.
+fn recv(fd: RawFd, buf: &mut Vec<u8>) -> Attempt {
+    loop {
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len().min(MAX_IO);
+        match with_socket(fd, |s| s.recv(&mut spare[..room])) {
+            Ok(n) => {
+                // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity, and
+                // `n <= room` fits it.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Attempt::Done(count(n));
+            }
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Attempt::Again,
+                _ => return Attempt::Done(-errno(&e)),
+            },
+        }
+    }
+}
+
+/// One write of `op.buf[op.start..op.end]`; `SIGPIPE` is never raised (`EPIPE` instead).
+fn send(fd: RawFd, op: &SendOp) -> Attempt {
+    let Some(bytes) = op.buf.get(op.start..op.end) else {
+        debug_assert!(
+            false,
+            "send range {}..{} of {} bytes",
+            op.start,
+            op.end,
+            op.buf.len()
+        );
+        return Attempt::Done(-libc::EINVAL);
+    };
+    let bytes = &bytes[..bytes.len().min(MAX_IO)];
+    loop {
+        match with_socket(fd, |s| s.send_with_flags(bytes, libc::MSG_NOSIGNAL)) {
+            Ok(n) => return Attempt::Done(count(n)),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Attempt::Again,
+                _ => return Attempt::Done(-errno(&e)),
+            },
+        }
+    }
+}
+
+/// Starts a non-blocking connect: `Again` while it is in progress.
+fn connect(fd: RawFd, addr: &SockAddr) -> Attempt {
+    match with_socket(fd, |s| s.connect(addr)) {
+        Ok(()) => Attempt::Done(0),
+        // An interrupted connect goes on in the background, as one in progress does.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EINTR)) => {
+            Attempt::Again
+        }
+        Err(e) => Attempt::Done(-errno(&e)),
+    }
+}
+
+/// How a connect in progress ended, once its socket reported writable or an error: its
+/// `SO_ERROR`, and, when that is clear, whether it has a peer (`Again` if not yet).
+fn connected(fd: RawFd) -> Attempt {
+    match with_socket(fd, |s| s.take_error()) {
+        Ok(Some(e)) | Err(e) => Attempt::Done(-errno(&e)),
+        Ok(None) => match with_socket(fd, |s| s.peer_addr()) {
+            Ok(_) => Attempt::Done(0),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Attempt::Again,
+            Err(e) => Attempt::Done(-errno(&e)),
+        },
+    }
+}
+
+/// Accepts until `EAGAIN` (`Again`: the accept stays parked), one completion each with
+/// `more` set; a hard error ends the accept with its completion (`Done`).
+fn accept(fd: RawFd, user_data: u64, ready: &mut Vec<Cqe>) -> Attempt {
+    loop {
+        match with_socket(fd, |s| s.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)) {
+            Ok((socket, _)) => ready.push(Cqe {
+                user_data,
+                result: 0,
+                buf: None,
+                accepted: Some(OwnedFd::from(socket)),
+                more: true,
+            }),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Attempt::Again,
+                _ => {
+                    let result = -errno(&e);
+                    ready.push(cqe(user_data, result, None));
+                    return Attempt::Done(result);
+                }
+            },
+        }
+    }
+}
+
+/// The hasher of the parked-operation map: one multiply (as rustc's `FxHasher`), since user
+/// data are the loop's own numbers, not attacker-chosen keys, and a cancel or park should
+/// cost a few nanoseconds.
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
