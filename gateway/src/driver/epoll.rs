@@ -596,3 +596,598 @@ impl Hasher for MixHasher {
         self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use socket2::{Domain, SockRef, Socket, Type};
+
+    use super::{Backend, Cqe, Epoll, Sqe};
+
+    /// How long a test waits for a completion before it fails.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A connected loopback pair: a plain blocking std socket as the peer, and the other end,
+    /// still blocking, for the test to prepare before it hands it to the backend.
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (peer, ours)
+    }
+
+    /// A connected pair whose second end is non-blocking, as the loop's sockets are.
+    fn nb_pair() -> (TcpStream, OwnedFd) {
+        let (peer, ours) = pair();
+        ours.set_nonblocking(true).unwrap();
+        (peer, OwnedFd::from(ours))
+    }
+
+    /// Waits until `n` completions came, in order; fails the test after [`PATIENCE`].
+    fn collect(ep: &mut Epoll, n: usize) -> Vec<Cqe> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < n {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{} of {n} completions came",
+                out.len()
+            );
+            ep.wait(Some(Duration::from_millis(100)), &mut out).unwrap();
+        }
+        assert_eq!(out.len(), n, "more completions than expected: {out:?}");
+        out
+    }
+
+    /// The one completion of the one operation in flight.
+    fn one(ep: &mut Epoll) -> Cqe {
+        collect(ep, 1).pop().unwrap()
+    }
+
+    /// Asserts nothing completes within `d`.
+    fn quiet(ep: &mut Epoll, d: Duration) {
+        let mut out = Vec::new();
+        ep.wait(Some(d), &mut out).unwrap();
+        assert!(out.is_empty(), "unexpected completions: {out:?}");
+    }
+
+    /// Recognisable bytes, not a short period, so misordered or lost chunks show.
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut x: u32 = 0x9e37_79b9;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// The `flags:` of an open fd, from procfs.
+    fn fd_flags(fd: &impl AsRawFd) -> i32 {
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let line = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
+        i32::from_str_radix(line.trim(), 8).unwrap()
+    }
+
+    #[test]
+    fn accepts_several_connections_until_cancelled() {
+        let mut ep = Epoll::new().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        ep.push(
+            1,
+            Sqe::Accept {
+                fd: listener.as_raw_fd(),
+            },
+        );
+        let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+
+        let accepted = collect(&mut ep, 3);
+        let mut peers: Vec<SocketAddr> = Vec::new();
+        for c in &accepted {
+            assert_eq!((c.user_data, c.result, c.more), (1, 0, true));
+            let fd = c.accepted.as_ref().expect("an accepted socket");
+            let flags = fd_flags(fd);
+            assert_ne!(
+                flags & libc::O_NONBLOCK,
+                0,
+                "accepted sockets are non-blocking"
+            );
+            assert_ne!(
+                flags & libc::O_CLOEXEC,
+                0,
+                "accepted sockets are close-on-exec"
+            );
+            peers.push(SockRef::from(fd).peer_addr().unwrap().as_socket().unwrap());
+        }
+        let mut want: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        peers.sort();
+        want.sort();
+        assert_eq!(peers, want);
+
+        ep.push(2, Sqe::Cancel { target: 1 });
+        let c = one(&mut ep);
+        assert_eq!(
+            (c.user_data, c.result, c.more),
+            (1, -libc::ECANCELED, false)
+        );
+        assert!(c.accepted.is_none());
+        // A cancelled accept accepts no more.
+        let _late = TcpStream::connect(addr).unwrap();
+        quiet(&mut ep, Duration::from_millis(100));
+
+        for c in accepted {
+            ep.close(c.accepted.unwrap());
+        }
+        ep.close(OwnedFd::from(listener));
+    }
+
+    #[test]
+    fn accept_on_a_socket_that_does_not_listen_ends_with_its_error() {
+        let mut ep = Epoll::new().unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        ep.push(
+            3,
+            Sqe::Accept {
+                fd: socket.as_raw_fd(),
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result, c.more), (3, -libc::EINVAL, false));
+        ep.close(OwnedFd::from(socket));
+    }
+
+    #[test]
+    fn recv_appends_after_existing_bytes_and_eof_is_zero() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        let mut buf = Vec::with_capacity(64);
+        buf.extend_from_slice(b"abc");
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf,
+            },
+        );
+        peer.write_all(b"hello").unwrap();
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (1, 5));
+        let buf = c.buf.unwrap();
+        assert_eq!(buf, b"abchello");
+        assert_eq!(buf.capacity(), 64);
+
+        peer.shutdown(Shutdown::Write).unwrap();
+        ep.push(
+            2,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (2, 0));
+        assert_eq!(c.buf.unwrap(), b"abchello");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn recv_of_waiting_data_is_tried_at_once_and_completes_at_the_next_zero_wait() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, ours) = pair();
+        peer.write_all(b"ping").unwrap();
+        // Blocks until the bytes are there, so the backend's first attempt finds them.
+        assert_eq!(ours.peek(&mut [0; 4]).unwrap(), 4);
+        ours.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(ours);
+
+        ep.push(
+            9,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf: Vec::with_capacity(16),
+            },
+        );
+        assert_eq!(
+            ep.core.ready.len(),
+            1,
+            "the recv was tried at once and its result queued"
+        );
+        assert!(ep.core.parked.is_empty());
+        let mut out = Vec::new();
+        ep.wait(Some(Duration::ZERO), &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].user_data, out[0].result), (9, 4));
+        assert_eq!(out[0].buf.as_deref(), Some(&b"ping"[..]));
+        ep.close(fd);
+    }
+
+    #[test]
+    fn recv_matches_what_a_std_socket_sent() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        let data = pattern(1 << 20);
+        let sent = data.clone();
+        let writer = thread::spawn(move || {
+            // Uneven chunks, with pauses, so reads both find data and wait for it.
+            let mut at = 0;
+            let mut step = 1;
+            while at < sent.len() {
+                let end = (at + step * 997).min(sent.len());
+                peer.write_all(&sent[at..end]).unwrap();
+                at = end;
+                step = step % 50 + 1;
+                if step % 10 == 0 {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = Vec::with_capacity(4000);
+        loop {
+            ep.push(
+                5,
+                Sqe::Recv {
+                    fd: fd.as_raw_fd(),
+                    buf,
+                },
+            );
+            let c = one(&mut ep);
+            assert_eq!(c.user_data, 5);
+            buf = c.buf.unwrap();
+            let n = usize::try_from(c.result).expect("recv succeeds");
+            assert_eq!(n, buf.len());
+            if c.result == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf);
+            buf.clear();
+        }
+        writer.join().unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(
+            got == data,
+            "the bytes differ from what the std socket sent"
+        );
+        ep.close(fd);
+    }
+
+    #[test]
+    fn a_large_send_to_a_slow_reader_completes_in_short_sends() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        // Small buffers (no autotuning) so that 4 MiB cannot fit in flight at once.
+        SockRef::from(&peer).set_recv_buffer_size(64 << 10).unwrap();
+        SockRef::from(&fd.as_fd())
+            .set_send_buffer_size(64 << 10)
+            .unwrap();
+        let data = pattern(4 << 20);
+        let reader = thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut chunk = vec![0; 64 << 10];
+            loop {
+                let n = peer.read(&mut chunk).unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let mut buf = data.clone();
+        let (mut start, mut sends) = (0, 0);
+        while start < buf.len() {
+            let end = buf.len();
+            ep.push(
+                7,
+                Sqe::Send {
+                    fd: fd.as_raw_fd(),
+                    buf,
+                    start,
+                    end,
+                },
+            );
+            let c = one(&mut ep);
+            assert_eq!(c.user_data, 7);
+            let n = usize::try_from(c.result).expect("send succeeds");
+            assert!(n > 0 && n <= end - start, "send: {n} of {}", end - start);
+            start += n;
+            sends += 1;
+            buf = c.buf.unwrap();
+        }
+        assert_eq!(start, data.len());
+        assert!(
+            sends > 1,
+            "a slow reader takes 4 MiB in several sends, not {sends}"
+        );
+        assert!(buf == data, "a send hands its buffer back unchanged");
+        ep.close(fd);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the reader got other bytes than were sent");
+    }
+
+    #[test]
+    fn connect_succeeds_and_carries_bytes() {
+        let mut ep = Epoll::new().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(socket);
+        let addr = listener.local_addr().unwrap().into();
+        ep.push(
+            4,
+            Sqe::Connect {
+                fd: fd.as_raw_fd(),
+                addr,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result, c.buf.is_none()), (4, 0, true));
+
+        let (mut server, _) = listener.accept().unwrap();
+        ep.push(
+            5,
+            Sqe::Send {
+                fd: fd.as_raw_fd(),
+                buf: b"hi".to_vec(),
+                start: 0,
+                end: 2,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (5, 2));
+        let mut got = [0; 2];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn connect_to_a_closed_port_is_refused() {
+        let mut ep = Epoll::new().unwrap();
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(socket);
+        ep.push(
+            4,
+            Sqe::Connect {
+                fd: fd.as_raw_fd(),
+                addr: addr.into(),
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (4, -libc::ECONNREFUSED));
+        ep.close(fd);
+    }
+
+    #[test]
+    fn cancel_of_a_parked_recv_completes_it_with_ecanceled_once() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        let mut buf = Vec::with_capacity(32);
+        buf.push(b'x');
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf,
+            },
+        );
+        quiet(&mut ep, Duration::from_millis(20));
+        assert!(
+            ep.core.parked.contains_key(&1),
+            "no data: the recv is parked"
+        );
+
+        ep.push(2, Sqe::Cancel { target: 1 });
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (1, -libc::ECANCELED));
+        let buf = c.buf.unwrap();
+        assert_eq!((buf.as_slice(), buf.capacity()), (&b"x"[..], 32));
+        assert!(ep.core.parked.is_empty());
+
+        // Neither the data that comes later nor a second cancel completes it again.
+        peer.write_all(b"late").unwrap();
+        ep.push(3, Sqe::Cancel { target: 1 });
+        quiet(&mut ep, Duration::from_millis(50));
+
+        // The socket still works, and the late bytes are there for the next recv.
+        ep.push(
+            4,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (4, 4));
+        assert_eq!(c.buf.unwrap(), b"xlate");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn cancel_of_a_parked_send_hands_its_buffer_back() {
+        let mut ep = Epoll::new().unwrap();
+        let (_peer, fd) = nb_pair();
+        // Fill the socket until a send parks: the peer never reads.
+        let buf = pattern(1 << 20);
+        let mut parked = false;
+        let mut buf = Some(buf);
+        for round in 0..64_u64 {
+            let b = buf.take().unwrap();
+            let end = b.len();
+            ep.push(
+                round,
+                Sqe::Send {
+                    fd: fd.as_raw_fd(),
+                    buf: b,
+                    start: 0,
+                    end,
+                },
+            );
+            if ep.core.parked.contains_key(&round) {
+                ep.push(100, Sqe::Cancel { target: round });
+                let c = one(&mut ep);
+                assert_eq!((c.user_data, c.result), (round, -libc::ECANCELED));
+                assert!(c.buf.unwrap() == pattern(1 << 20));
+                parked = true;
+                break;
+            }
+            buf = one(&mut ep).buf;
+        }
+        assert!(parked, "a peer that never reads fills the socket");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn wait_with_nothing_pending_returns_after_about_the_timeout() {
+        let mut ep = Epoll::new().unwrap();
+        // An idle socket with a parked recv, so epoll has something registered.
+        let (_peer, fd) = nb_pair();
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf: Vec::with_capacity(8),
+            },
+        );
+        let start = Instant::now();
+        let mut out = Vec::new();
+        ep.wait(Some(Duration::from_millis(150)), &mut out).unwrap();
+        let took = start.elapsed();
+        assert!(out.is_empty());
+        assert!(
+            took >= Duration::from_millis(150),
+            "returned early: {took:?}"
+        );
+        assert!(took < Duration::from_secs(1), "returned late: {took:?}");
+
+        // Zero means don't wait.
+        let start = Instant::now();
+        ep.wait(Some(Duration::ZERO), &mut out).unwrap();
+        assert!(out.is_empty());
+        assert!(start.elapsed() < Duration::from_millis(100));
+
+        ep.push(2, Sqe::Cancel { target: 1 });
+        assert_eq!(one(&mut ep).result, -libc::ECANCELED);
+        ep.close(fd);
+    }
+
+    #[test]
+    fn shutdown_of_a_socket_completes_its_parked_recv_with_eof() {
+        for how in [Shutdown::Read, Shutdown::Both] {
+            let mut ep = Epoll::new().unwrap();
+            let (_peer, fd) = nb_pair();
+            ep.push(
+                1,
+                Sqe::Recv {
+                    fd: fd.as_raw_fd(),
+                    buf: Vec::with_capacity(8),
+                },
+            );
+            quiet(&mut ep, Duration::from_millis(20));
+            SockRef::from(&fd.as_fd()).shutdown(how).unwrap();
+            let c = one(&mut ep);
+            assert_eq!((c.user_data, c.result), (1, 0), "after shutdown({how:?})");
+            ep.close(fd);
+        }
+    }
+
+    #[test]
+    fn a_reset_peer_fails_recv_with_econnreset_then_send_with_epipe() {
+        let mut ep = Epoll::new().unwrap();
+        let (peer, fd) = nb_pair();
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf: Vec::with_capacity(8),
+            },
+        );
+        quiet(&mut ep, Duration::from_millis(20));
+        // Closing with unread bytes makes the peer reset the connection.
+        ep.push(
+            2,
+            Sqe::Send {
+                fd: fd.as_raw_fd(),
+                buf: b"unread".to_vec(),
+                start: 0,
+                end: 6,
+            },
+        );
+        assert_eq!(one(&mut ep).result, 6);
+        let mut wait_for_bytes = [0; 6];
+        assert_eq!(peer.peek(&mut wait_for_bytes).unwrap(), 6);
+        drop(peer);
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (1, -libc::ECONNRESET));
+
+        ep.push(
+            3,
+            Sqe::Send {
+                fd: fd.as_raw_fd(),
+                buf: b"more".to_vec(),
+                start: 0,
+                end: 4,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (3, -libc::EPIPE));
+        assert_eq!(c.buf.unwrap(), b"more");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn a_bad_fd_fails_through_wait() {
+        let mut ep = Epoll::new().unwrap();
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: -1,
+                buf: Vec::with_capacity(8),
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (1, -libc::EBADF));
+        assert_eq!(c.buf.unwrap().capacity(), 8);
+    }
+
+    #[test]
+    fn close_forgets_a_socket() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        let raw = fd.as_raw_fd();
+        peer.write_all(b"x").unwrap();
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: raw,
+                buf: Vec::with_capacity(8),
+            },
+        );
+        assert_eq!(one(&mut ep).result, 1);
+        let i = usize::try_from(raw).unwrap();
+        assert!(ep.core.fds[i].registered);
+        ep.close(fd);
+        let st = &ep.core.fds[i];
+        assert!(!st.registered && st.readable && st.writable);
+        // The peer's end of stream comes to no one.
+        drop(peer);
+        quiet(&mut ep, Duration::from_millis(20));
+    }
+}
