@@ -1,1 +1,1193 @@
+//! The readiness backend: io_uring's completion model emulated over epoll (through `mio`), for
+//! hosts that deny io_uring (Docker's default seccomp profile, `kernel.io_uring_disabled`).
+//!
+//! The loop above is written for completions: it pushes an operation and later receives its
+//! result. So an operation here is tried at once when its socket is believed ready (as io_uring
+//! does), and parked when the kernel says `EAGAIN`; an edge-triggered readiness event for its
+//! socket retries it. Every result, immediate or not, is queued and handed out by the next
+//! [`Backend::wait`], never from inside [`Backend::push`], so the loop cannot tell the two
+//! backends apart except by timing.
+//!
+//! Per socket this keeps, in a `Vec` indexed by the fd number, whether it is registered with
+//! epoll, its last known readiness (true after an event, false after `EAGAIN`; a new socket
+//! starts ready so its first operation is tried at once) and its parked operations, at most one
+//! of each kind. Edge-triggered epoll loses no wake-up under this scheme: a socket is
+//! registered before its first attempt, and epoll reports every readiness change after the
+//! `EAGAIN` that parked an operation.
+//!
+//! The one `unsafe` need is operating on a socket the loop owns, by its raw number
+//! ([`BorrowedFd::borrow_raw`]), and growing a read buffer by the bytes the kernel wrote.
+#![expect(
+    unsafe_code,
+    reason = "sockets the loop owns are borrowed by their raw fd for each syscall, and a read \
+              buffer's length grows by the bytes recv(2) initialised"
+)]
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use socket2::{SockAddr, SockRef};
+
+use super::{Backend, Cqe, Sqe};
+
+/// Readiness events taken from the kernel per `epoll_wait`; more stay queued for the next.
+const EVENTS: usize = 1024;
+
+/// The most bytes one recv or send moves, so that a count always fits a [`Cqe`]'s `i32`
+/// result (io_uring's lengths are 32-bit too).
+const MAX_IO: usize = i32::MAX as usize;
+
+/// The epoll backend: a `mio` poller and the state of every socket it has seen.
+pub(crate) struct Epoll {
+    /// The epoll instance.
+    poll: Poll,
+    /// Reused buffer for the events of one `epoll_wait`.
+    events: Events,
+    /// Sockets, parked operations and queued completions.
+    core: Core,
+}
+
+/// Everything but the poller, so that events can be handled while the event buffer is
+/// borrowed.
+struct Core {
+    /// Per-socket state, indexed by fd number; grown on demand.
+    fds: Vec<FdState>,
+    /// Completions not yet handed out by `wait`.
+    ready: Vec<Cqe>,
+    /// The fd of every parked operation, by user data: how a cancel finds its target without
+    /// scanning every socket.
+    parked: HashMap<u64, RawFd, BuildHasherDefault<MixHasher>>,
+}
+
+/// What is known of one socket.
+struct FdState {
+    /// Registered with epoll (for reading and writing, edge-triggered).
+    registered: bool,
+    /// No read-side syscall said `EAGAIN` since the last event that said readable.
+    readable: bool,
+    /// No write-side syscall said `EAGAIN` since the last event that said writable.
+    writable: bool,
+    /// A read waiting for data.
+    recv: Option<RecvOp>,
+    /// A write waiting for room.
+    send: Option<SendOp>,
+    /// The user data of a connect in progress (waiting for writability).
+    connect: Option<u64>,
+    /// The user data of an accept waiting for connections.
+    accept: Option<u64>,
+}
+
+impl FdState {
+    /// A socket not seen yet: unregistered, believed ready, nothing parked.
+    const NEW: Self = Self {
+        registered: false,
+        readable: true,
+        writable: true,
+        recv: None,
+        send: None,
+        connect: None,
+        accept: None,
+    };
+}
+
+/// A parked `Recv`.
+struct RecvOp {
+    /// What it was pushed with.
+    user_data: u64,
+    /// Where the bytes go (into its spare capacity).
+    buf: Vec<u8>,
+}
+
+/// A parked `Send`.
+struct SendOp {
+    /// What it was pushed with.
+    user_data: u64,
+    /// Holds the bytes.
+    buf: Vec<u8>,
+    /// First byte to send.
+    start: usize,
+    /// One past the last byte to send.
+    end: usize,
+}
+
+/// What one attempt at an operation came to.
+enum Attempt {
+    /// It finished with this result (bytes moved, or a negative errno).
+    Done(i32),
+    /// The kernel said `EAGAIN`: it waits for the next readiness event.
+    Again,
+}
+
+impl Epoll {
+    /// Opens an epoll instance.
+    pub(crate) fn new() -> io::Result<Self> {
+        Ok(Self {
+            poll: Poll::new()?,
+            events: Events::with_capacity(EVENTS),
+            core: Core {
+                fds: Vec::new(),
+                ready: Vec::new(),
+                parked: HashMap::default(),
+            },
+        })
+    }
+}
+
+impl Backend for Epoll {
+    fn name(&self) -> &'static str {
+        "epoll"
+    }
+
+    fn push(&mut self, user_data: u64, sqe: Sqe) {
+        self.core.push(self.poll.registry(), user_data, sqe);
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Cqe>) -> io::Result<()> {
+        // When the first poll returns only events that complete nothing (a retry that met
+        // EAGAIN), poll again until the deadline, as io_uring would still be waiting.
+        let deadline = match timeout {
+            Some(t) if !t.is_zero() && self.core.ready.is_empty() => Instant::now().checked_add(t),
+            _ => None,
+        };
+        let mut next = timeout;
+        let result = loop {
+            let t = if self.core.ready.is_empty() {
+                next
+            } else {
+                Some(Duration::ZERO)
+            };
+            match self.poll.poll(&mut self.events, t) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            for event in &self.events {
+                self.core.on_event(event);
+            }
+            if !self.core.ready.is_empty() {
+                break Ok(());
+            }
+            next = match (timeout, deadline) {
+                (Some(_), Some(at)) => match at.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => break Ok(()),
+                },
+                (Some(t), None) if t.is_zero() => break Ok(()),
+                // No limit, or one too long to have a deadline (no limit, in effect).
+                (None, _) | (Some(_), None) => None,
+            };
+        };
+        out.append(&mut self.core.ready);
+        result
+    }
+
+    fn close(&mut self, fd: OwnedFd) {
+        self.core.close(self.poll.registry(), fd.as_raw_fd());
+        drop(fd);
+    }
+}
+
+impl Core {
+    /// Tries `sqe` at once where its socket is believed ready, else parks it.
+    fn push(&mut self, registry: &Registry, user_data: u64, sqe: Sqe) {
+        let fd = match &sqe {
+            Sqe::Cancel { target } => {
+                self.cancel(*target);
+                return;
+            }
+            Sqe::Accept { fd }
+            | Sqe::Recv { fd, .. }
+            | Sqe::Send { fd, .. }
+            | Sqe::Connect { fd, .. } => *fd,
+        };
+        let Some(i) = self.slot(fd) else {
+            let errno = if fd < 0 { libc::EBADF } else { libc::ENOMEM };
+            self.fail(user_data, sqe, errno);
+            return;
+        };
+        if let Err(e) = self.register(registry, fd, i) {
+            self.fail(user_data, sqe, errno(&e));
+            return;
+        }
+        let st = &mut self.fds[i];
+        match sqe {
+            Sqe::Recv { buf, .. } => {
+                if st.recv.is_some() {
+                    debug_assert!(false, "a second Recv on fd {fd}");
+                    self.ready.push(cqe(user_data, -libc::EBUSY, Some(buf)));
+                    return;
+                }
+                let mut op = RecvOp { user_data, buf };
+                if st.readable {
+                    match recv(fd, &mut op.buf) {
+                        Attempt::Done(res) => {
+                            self.ready.push(cqe(user_data, res, Some(op.buf)));
+                            return;
+                        }
+                        Attempt::Again => st.readable = false,
+                    }
+                }
+                st.recv = Some(op);
+            }
+            Sqe::Send {
+                buf, start, end, ..
+            } => {
+                if st.send.is_some() {
+                    debug_assert!(false, "a second Send on fd {fd}");
+                    self.ready.push(cqe(user_data, -libc::EBUSY, Some(buf)));
+                    return;
+                }
+                let op = SendOp {
+                    user_data,
+                    buf,
+                    start,
+                    end,
+                };
+                if st.writable {
+                    match send(fd, &op) {
+                        Attempt::Done(res) => {
+                            self.ready.push(cqe(user_data, res, Some(op.buf)));
+                            return;
+                        }
+                        Attempt::Again => st.writable = false,
+                    }
+                }
+                st.send = Some(op);
+            }
+            Sqe::Connect { addr, .. } => {
+                if st.connect.is_some() {
+                    debug_assert!(false, "a second Connect on fd {fd}");
+                    self.ready.push(cqe(user_data, -libc::EBUSY, None));
+                    return;
+                }
+                // A connect is always tried: it is what makes the socket writable.
+                match connect(fd, &addr) {
+                    Attempt::Done(res) => {
+                        self.ready.push(cqe(user_data, res, None));
+                        return;
+                    }
+                    Attempt::Again => st.writable = false,
+                }
+                st.connect = Some(user_data);
+            }
+            Sqe::Accept { .. } => {
+                if st.accept.is_some() {
+                    debug_assert!(false, "a second Accept on fd {fd}");
+                    self.ready.push(cqe(user_data, -libc::EBUSY, None));
+                    return;
+                }
+                if st.readable {
+                    match accept(fd, user_data, &mut self.ready) {
+                        Attempt::Done(_) => return,
+                        Attempt::Again => st.readable = false,
+                    }
+                }
+                st.accept = Some(user_data);
+            }
+            Sqe::Cancel { .. } => unreachable!("handled above"),
+        }
+        self.parked.insert(user_data, fd);
+    }
+
+    /// Completes an operation that could not start with `-errno`, handing its buffer back.
+    fn fail(&mut self, user_data: u64, sqe: Sqe, errno: i32) {
+        let buf = match sqe {
+            Sqe::Recv { buf, .. } | Sqe::Send { buf, .. } => Some(buf),
+            Sqe::Accept { .. } | Sqe::Connect { .. } | Sqe::Cancel { .. } => None,
+        };
+        self.ready.push(cqe(user_data, -errno, buf));
+    }
+
+    /// The state index of `fd`, growing the table to hold it; `None` for a negative fd or
+    /// one beyond what a table can hold.
+    fn slot(&mut self, fd: RawFd) -> Option<usize> {
+        let i = usize::try_from(fd).ok()?;
+        if i >= self.fds.len() {
+            self.fds.try_reserve(i + 1 - self.fds.len()).ok()?;
+            self.fds.resize_with(i + 1, || FdState::NEW);
+        }
+        Some(i)
+    }
+
+    /// Registers `fd` (state index `i`) with epoll unless it is already.
+    fn register(&mut self, registry: &Registry, fd: RawFd, i: usize) -> io::Result<()> {
+        let st = &mut self.fds[i];
+        if !st.registered {
+            registry.register(
+                &mut SourceFd(&fd),
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            st.registered = true;
+        }
+        Ok(())
+    }
+
+    /// Marks the readiness an event reports and retries the operations it may let finish.
+    fn on_event(&mut self, event: &mio::event::Event) {
+        let i = event.token().0;
+        let Some(st) = self.fds.get_mut(i) else {
+            return;
+        };
+        if !st.registered {
+            return;
+        }
+        // Token = fd, so it fits a RawFd back.
+        let Ok(fd) = RawFd::try_from(i) else { return };
+        // An error or hang-up wakes both sides: the retried syscall reports it.
+        let error = event.is_error();
+        if event.is_readable() || event.is_read_closed() || error {
+            st.readable = true;
+            if let Some(mut op) = st.recv.take() {
+                match recv(fd, &mut op.buf) {
+                    Attempt::Done(res) => {
+                        self.parked.remove(&op.user_data);
+                        self.ready.push(cqe(op.user_data, res, Some(op.buf)));
+                    }
+                    Attempt::Again => {
+                        st.readable = false;
+                        st.recv = Some(op);
+                    }
+                }
+            }
+            if let Some(user_data) = st.accept {
+                match accept(fd, user_data, &mut self.ready) {
+                    Attempt::Done(_) => {
+                        st.accept = None;
+                        self.parked.remove(&user_data);
+                    }
+                    Attempt::Again => st.readable = false,
+                }
+            }
+        }
+        if event.is_writable() || event.is_write_closed() || error {
+            st.writable = true;
+            if let Some(user_data) = st.connect {
+                match connected(fd) {
+                    Attempt::Done(res) => {
+                        st.connect = None;
+                        self.parked.remove(&user_data);
+                        self.ready.push(cqe(user_data, res, None));
+                    }
+                    Attempt::Again => st.writable = false,
+                }
+            }
+            if let Some(op) = st.send.take() {
+                match send(fd, &op) {
+                    Attempt::Done(res) => {
+                        self.parked.remove(&op.user_data);
+                        self.ready.push(cqe(op.user_data, res, Some(op.buf)));
+                    }
+                    Attempt::Again => {
+                        st.writable = false;
+                        st.send = Some(op);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Completes the parked operation pushed with `target` with `-ECANCELED`; nothing if it
+    /// finished already.
+    fn cancel(&mut self, target: u64) {
+        let Some(fd) = self.parked.remove(&target) else {
+            return;
+        };
+        let Some(st) = usize::try_from(fd).ok().and_then(|i| self.fds.get_mut(i)) else {
+            return;
+        };
+        let cancelled = if st.recv.as_ref().is_some_and(|op| op.user_data == target) {
+            st.recv.take().map(|op| op.buf)
+        } else if st.send.as_ref().is_some_and(|op| op.user_data == target) {
+            st.send.take().map(|op| op.buf)
+        } else if st.connect == Some(target) {
+            st.connect = None;
+            None
+        } else if st.accept == Some(target) {
+            st.accept = None;
+            None
+        } else {
+            return;
+        };
+        self.ready.push(cqe(target, -libc::ECANCELED, cancelled));
+    }
+
+    /// Forgets `fd`: deregisters it and resets its state, so that a later socket with the
+    /// same number starts afresh.
+    fn close(&mut self, registry: &Registry, fd: RawFd) {
+        let Some(st) = usize::try_from(fd).ok().and_then(|i| self.fds.get_mut(i)) else {
+            return;
+        };
+        let st = std::mem::replace(st, FdState::NEW);
+        if st.registered
+            && let Err(e) = registry.deregister(&mut SourceFd(&fd))
+        {
+            tracing::debug!(fd, error = %e, "epoll: deregister failed");
+        }
+        // The loop closes a socket only once none of its operations is in flight; should one
+        // be parked anyway, it still completes exactly once.
+        debug_assert!(
+            st.recv.is_none() && st.send.is_none() && st.connect.is_none() && st.accept.is_none(),
+            "fd {fd} closed with an operation in flight"
+        );
+        let parked = [
+            st.recv.map(|op| (op.user_data, Some(op.buf))),
+            st.send.map(|op| (op.user_data, Some(op.buf))),
+            st.connect.map(|u| (u, None)),
+            st.accept.map(|u| (u, None)),
+        ];
+        for (user_data, buf) in parked.into_iter().flatten() {
+            self.parked.remove(&user_data);
+            self.ready.push(cqe(user_data, -libc::ECANCELED, buf));
+        }
+    }
+}
+
+/// A completion.
+fn cqe(user_data: u64, result: i32, buf: Option<Vec<u8>>) -> Cqe {
+    Cqe {
+        user_data,
+        result,
+        buf,
+        accepted: None,
+        more: false,
+    }
+}
+
+/// The errno of a failed syscall (`EIO` should one come without).
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// A byte count as a [`Cqe`] result; every count is at most [`MAX_IO`].
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Runs `f` on the socket `fd`, borrowed for the call.
+fn with_socket<R>(fd: RawFd, f: impl FnOnce(&SockRef<'_>) -> R) -> R {
+    // SAFETY: `Backend`'s contract: the loop keeps a socket open while any of its operations
+    // is in flight and closes it only through `Backend::close`, which forgets its parked
+    // operations first; so `fd` (never -1: it indexed the state table) is open for this
+    // borrow, which ends with the call.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    f(&SockRef::from(&borrowed))
+}
+
+/// One read into `buf`'s spare capacity, appended after its bytes.
+fn recv(fd: RawFd, buf: &mut Vec<u8>) -> Attempt {
+    loop {
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len().min(MAX_IO);
+        match with_socket(fd, |s| s.recv(&mut spare[..room])) {
+            Ok(n) => {
+                // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity, and
+                // `n <= room` fits it.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Attempt::Done(count(n));
+            }
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Attempt::Again,
+                _ => return Attempt::Done(-errno(&e)),
+            },
+        }
+    }
+}
+
+/// One write of `op.buf[op.start..op.end]`; `SIGPIPE` is never raised (`EPIPE` instead).
+fn send(fd: RawFd, op: &SendOp) -> Attempt {
+    let Some(bytes) = op.buf.get(op.start..op.end) else {
+        debug_assert!(
+            false,
+            "send range {}..{} of {} bytes",
+            op.start,
+            op.end,
+            op.buf.len()
+        );
+        return Attempt::Done(-libc::EINVAL);
+    };
+    let bytes = &bytes[..bytes.len().min(MAX_IO)];
+    loop {
+        match with_socket(fd, |s| s.send_with_flags(bytes, libc::MSG_NOSIGNAL)) {
+            Ok(n) => return Attempt::Done(count(n)),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Attempt::Again,
+                _ => return Attempt::Done(-errno(&e)),
+            },
+        }
+    }
+}
+
+/// Starts a non-blocking connect: `Again` while it is in progress.
+fn connect(fd: RawFd, addr: &SockAddr) -> Attempt {
+    match with_socket(fd, |s| s.connect(addr)) {
+        Ok(()) => Attempt::Done(0),
+        // An interrupted connect goes on in the background, as one in progress does.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EINTR)) => {
+            Attempt::Again
+        }
+        Err(e) => Attempt::Done(-errno(&e)),
+    }
+}
+
+/// How a connect in progress ended, once its socket reported writable or an error: its
+/// `SO_ERROR`, and, when that is clear, whether it has a peer (`Again` if not yet).
+fn connected(fd: RawFd) -> Attempt {
+    match with_socket(fd, |s| s.take_error()) {
+        Ok(Some(e)) | Err(e) => Attempt::Done(-errno(&e)),
+        Ok(None) => match with_socket(fd, |s| s.peer_addr()) {
+            Ok(_) => Attempt::Done(0),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Attempt::Again,
+            Err(e) => Attempt::Done(-errno(&e)),
+        },
+    }
+}
+
+/// Accepts until `EAGAIN` (`Again`: the accept stays parked), one completion each with
+/// `more` set; a hard error ends the accept with its completion (`Done`).
+fn accept(fd: RawFd, user_data: u64, ready: &mut Vec<Cqe>) -> Attempt {
+    loop {
+        match with_socket(fd, |s| s.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)) {
+            Ok((socket, _)) => ready.push(Cqe {
+                user_data,
+                result: 0,
+                buf: None,
+                accepted: Some(OwnedFd::from(socket)),
+                more: true,
+            }),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Attempt::Again,
+                _ => {
+                    let result = -errno(&e);
+                    ready.push(cqe(user_data, result, None));
+                    return Attempt::Done(result);
+                }
+            },
+        }
+    }
+}
+
+/// The hasher of the parked-operation map: one multiply (as rustc's `FxHasher`), since user
+/// data are the loop's own numbers, not attacker-chosen keys, and a cancel or park should
+/// cost a few nanoseconds.
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use socket2::{Domain, SockRef, Socket, Type};
+
+    use super::{Backend, Cqe, Epoll, Sqe};
+
+    /// How long a test waits for a completion before it fails.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A connected loopback pair: a plain blocking std socket as the peer, and the other end,
+    /// still blocking, for the test to prepare before it hands it to the backend.
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (peer, ours)
+    }
+
+    /// A connected pair whose second end is non-blocking, as the loop's sockets are.
+    fn nb_pair() -> (TcpStream, OwnedFd) {
+        let (peer, ours) = pair();
+        ours.set_nonblocking(true).unwrap();
+        (peer, OwnedFd::from(ours))
+    }
+
+    /// Waits until `n` completions came, in order; fails the test after [`PATIENCE`].
+    fn collect(ep: &mut Epoll, n: usize) -> Vec<Cqe> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < n {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{} of {n} completions came",
+                out.len()
+            );
+            ep.wait(Some(Duration::from_millis(100)), &mut out).unwrap();
+        }
+        assert_eq!(out.len(), n, "more completions than expected: {out:?}");
+        out
+    }
+
+    /// The one completion of the one operation in flight.
+    fn one(ep: &mut Epoll) -> Cqe {
+        collect(ep, 1).pop().unwrap()
+    }
+
+    /// Asserts nothing completes within `d`.
+    fn quiet(ep: &mut Epoll, d: Duration) {
+        let mut out = Vec::new();
+        ep.wait(Some(d), &mut out).unwrap();
+        assert!(out.is_empty(), "unexpected completions: {out:?}");
+    }
+
+    /// Recognisable bytes, not a short period, so misordered or lost chunks show.
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut x: u32 = 0x9e37_79b9;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// The `flags:` of an open fd, from procfs.
+    fn fd_flags(fd: &impl AsRawFd) -> i32 {
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let line = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
+        i32::from_str_radix(line.trim(), 8).unwrap()
+    }
+
+    #[test]
+    fn accepts_several_connections_until_cancelled() {
+        let mut ep = Epoll::new().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        ep.push(
+            1,
+            Sqe::Accept {
+                fd: listener.as_raw_fd(),
+            },
+        );
+        let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+
+        let accepted = collect(&mut ep, 3);
+        let mut peers: Vec<SocketAddr> = Vec::new();
+        for c in &accepted {
+            assert_eq!((c.user_data, c.result, c.more), (1, 0, true));
+            let fd = c.accepted.as_ref().expect("an accepted socket");
+            let flags = fd_flags(fd);
+            assert_ne!(
+                flags & libc::O_NONBLOCK,
+                0,
+                "accepted sockets are non-blocking"
+            );
+            assert_ne!(
+                flags & libc::O_CLOEXEC,
+                0,
+                "accepted sockets are close-on-exec"
+            );
+            peers.push(SockRef::from(fd).peer_addr().unwrap().as_socket().unwrap());
+        }
+        let mut want: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        peers.sort();
+        want.sort();
+        assert_eq!(peers, want);
+
+        ep.push(2, Sqe::Cancel { target: 1 });
+        let c = one(&mut ep);
+        assert_eq!(
+            (c.user_data, c.result, c.more),
+            (1, -libc::ECANCELED, false)
+        );
+        assert!(c.accepted.is_none());
+        // A cancelled accept accepts no more.
+        let _late = TcpStream::connect(addr).unwrap();
+        quiet(&mut ep, Duration::from_millis(100));
+
+        for c in accepted {
+            ep.close(c.accepted.unwrap());
+        }
+        ep.close(OwnedFd::from(listener));
+    }
+
+    #[test]
+    fn accept_on_a_socket_that_does_not_listen_ends_with_its_error() {
+        let mut ep = Epoll::new().unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        ep.push(
+            3,
+            Sqe::Accept {
+                fd: socket.as_raw_fd(),
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result, c.more), (3, -libc::EINVAL, false));
+        ep.close(OwnedFd::from(socket));
+    }
+
+    #[test]
+    fn recv_appends_after_existing_bytes_and_eof_is_zero() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        let mut buf = Vec::with_capacity(64);
+        buf.extend_from_slice(b"abc");
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf,
+            },
+        );
+        peer.write_all(b"hello").unwrap();
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (1, 5));
+        let buf = c.buf.unwrap();
+        assert_eq!(buf, b"abchello");
+        assert_eq!(buf.capacity(), 64);
+
+        peer.shutdown(Shutdown::Write).unwrap();
+        ep.push(
+            2,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (2, 0));
+        assert_eq!(c.buf.unwrap(), b"abchello");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn recv_of_waiting_data_is_tried_at_once_and_completes_at_the_next_zero_wait() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, ours) = pair();
+        peer.write_all(b"ping").unwrap();
+        // Blocks until the bytes are there, so the backend's first attempt finds them.
+        assert_eq!(ours.peek(&mut [0; 4]).unwrap(), 4);
+        ours.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(ours);
+
+        ep.push(
+            9,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf: Vec::with_capacity(16),
+            },
+        );
+        assert_eq!(
+            ep.core.ready.len(),
+            1,
+            "the recv was tried at once and its result queued"
+        );
+        assert!(ep.core.parked.is_empty());
+        let mut out = Vec::new();
+        ep.wait(Some(Duration::ZERO), &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].user_data, out[0].result), (9, 4));
+        assert_eq!(out[0].buf.as_deref(), Some(&b"ping"[..]));
+        ep.close(fd);
+    }
+
+    #[test]
+    fn recv_matches_what_a_std_socket_sent() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        let data = pattern(1 << 20);
+        let sent = data.clone();
+        let writer = thread::spawn(move || {
+            // Uneven chunks, with pauses, so reads both find data and wait for it.
+            let mut at = 0;
+            let mut step = 1;
+            while at < sent.len() {
+                let end = (at + step * 997).min(sent.len());
+                peer.write_all(&sent[at..end]).unwrap();
+                at = end;
+                step = step % 50 + 1;
+                if step % 10 == 0 {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = Vec::with_capacity(4000);
+        loop {
+            ep.push(
+                5,
+                Sqe::Recv {
+                    fd: fd.as_raw_fd(),
+                    buf,
+                },
+            );
+            let c = one(&mut ep);
+            assert_eq!(c.user_data, 5);
+            buf = c.buf.unwrap();
+            let n = usize::try_from(c.result).expect("recv succeeds");
+            assert_eq!(n, buf.len());
+            if c.result == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf);
+            buf.clear();
+        }
+        writer.join().unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(
+            got == data,
+            "the bytes differ from what the std socket sent"
+        );
+        ep.close(fd);
+    }
+
+    #[test]
+    fn a_large_send_to_a_slow_reader_completes_in_short_sends() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        // Small buffers (no autotuning) so that 4 MiB cannot fit in flight at once.
+        SockRef::from(&peer).set_recv_buffer_size(64 << 10).unwrap();
+        SockRef::from(&fd.as_fd())
+            .set_send_buffer_size(64 << 10)
+            .unwrap();
+        let data = pattern(4 << 20);
+        let reader = thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut chunk = vec![0; 64 << 10];
+            loop {
+                let n = peer.read(&mut chunk).unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let mut buf = data.clone();
+        let (mut start, mut sends) = (0, 0);
+        while start < buf.len() {
+            let end = buf.len();
+            ep.push(
+                7,
+                Sqe::Send {
+                    fd: fd.as_raw_fd(),
+                    buf,
+                    start,
+                    end,
+                },
+            );
+            let c = one(&mut ep);
+            assert_eq!(c.user_data, 7);
+            let n = usize::try_from(c.result).expect("send succeeds");
+            assert!(n > 0 && n <= end - start, "send: {n} of {}", end - start);
+            start += n;
+            sends += 1;
+            buf = c.buf.unwrap();
+        }
+        assert_eq!(start, data.len());
+        assert!(
+            sends > 1,
+            "a slow reader takes 4 MiB in several sends, not {sends}"
+        );
+        assert!(buf == data, "a send hands its buffer back unchanged");
+        ep.close(fd);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the reader got other bytes than were sent");
+    }
+
+    #[test]
+    fn connect_succeeds_and_carries_bytes() {
+        let mut ep = Epoll::new().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(socket);
+        let addr = listener.local_addr().unwrap().into();
+        ep.push(
+            4,
+            Sqe::Connect {
+                fd: fd.as_raw_fd(),
+                addr,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result, c.buf.is_none()), (4, 0, true));
+
+        let (mut server, _) = listener.accept().unwrap();
+        ep.push(
+            5,
+            Sqe::Send {
+                fd: fd.as_raw_fd(),
+                buf: b"hi".to_vec(),
+                start: 0,
+                end: 2,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (5, 2));
+        let mut got = [0; 2];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn connect_to_a_closed_port_is_refused() {
+        let mut ep = Epoll::new().unwrap();
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(socket);
+        ep.push(
+            4,
+            Sqe::Connect {
+                fd: fd.as_raw_fd(),
+                addr: addr.into(),
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (4, -libc::ECONNREFUSED));
+        ep.close(fd);
+    }
+
+    #[test]
+    fn cancel_of_a_parked_recv_completes_it_with_ecanceled_once() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        let mut buf = Vec::with_capacity(32);
+        buf.push(b'x');
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf,
+            },
+        );
+        quiet(&mut ep, Duration::from_millis(20));
+        assert!(
+            ep.core.parked.contains_key(&1),
+            "no data: the recv is parked"
+        );
+
+        ep.push(2, Sqe::Cancel { target: 1 });
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (1, -libc::ECANCELED));
+        let buf = c.buf.unwrap();
+        assert_eq!((buf.as_slice(), buf.capacity()), (&b"x"[..], 32));
+        assert!(ep.core.parked.is_empty());
+
+        // Neither the data that comes later nor a second cancel completes it again.
+        peer.write_all(b"late").unwrap();
+        ep.push(3, Sqe::Cancel { target: 1 });
+        quiet(&mut ep, Duration::from_millis(50));
+
+        // The socket still works, and the late bytes are there for the next recv.
+        ep.push(
+            4,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (4, 4));
+        assert_eq!(c.buf.unwrap(), b"xlate");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn cancel_of_a_parked_send_hands_its_buffer_back() {
+        let mut ep = Epoll::new().unwrap();
+        let (_peer, fd) = nb_pair();
+        // Fill the socket until a send parks: the peer never reads.
+        let buf = pattern(1 << 20);
+        let mut parked = false;
+        let mut buf = Some(buf);
+        for round in 0..64_u64 {
+            let b = buf.take().unwrap();
+            let end = b.len();
+            ep.push(
+                round,
+                Sqe::Send {
+                    fd: fd.as_raw_fd(),
+                    buf: b,
+                    start: 0,
+                    end,
+                },
+            );
+            if ep.core.parked.contains_key(&round) {
+                ep.push(100, Sqe::Cancel { target: round });
+                let c = one(&mut ep);
+                assert_eq!((c.user_data, c.result), (round, -libc::ECANCELED));
+                assert!(c.buf.unwrap() == pattern(1 << 20));
+                parked = true;
+                break;
+            }
+            buf = one(&mut ep).buf;
+        }
+        assert!(parked, "a peer that never reads fills the socket");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn wait_with_nothing_pending_returns_after_about_the_timeout() {
+        let mut ep = Epoll::new().unwrap();
+        // An idle socket with a parked recv, so epoll has something registered.
+        let (_peer, fd) = nb_pair();
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf: Vec::with_capacity(8),
+            },
+        );
+        let start = Instant::now();
+        let mut out = Vec::new();
+        ep.wait(Some(Duration::from_millis(150)), &mut out).unwrap();
+        let took = start.elapsed();
+        assert!(out.is_empty());
+        assert!(
+            took >= Duration::from_millis(150),
+            "returned early: {took:?}"
+        );
+        assert!(took < Duration::from_secs(1), "returned late: {took:?}");
+
+        // Zero means don't wait.
+        let start = Instant::now();
+        ep.wait(Some(Duration::ZERO), &mut out).unwrap();
+        assert!(out.is_empty());
+        assert!(start.elapsed() < Duration::from_millis(100));
+
+        ep.push(2, Sqe::Cancel { target: 1 });
+        assert_eq!(one(&mut ep).result, -libc::ECANCELED);
+        ep.close(fd);
+    }
+
+    #[test]
+    fn shutdown_of_a_socket_completes_its_parked_recv_with_eof() {
+        for how in [Shutdown::Read, Shutdown::Both] {
+            let mut ep = Epoll::new().unwrap();
+            let (_peer, fd) = nb_pair();
+            ep.push(
+                1,
+                Sqe::Recv {
+                    fd: fd.as_raw_fd(),
+                    buf: Vec::with_capacity(8),
+                },
+            );
+            quiet(&mut ep, Duration::from_millis(20));
+            SockRef::from(&fd.as_fd()).shutdown(how).unwrap();
+            let c = one(&mut ep);
+            assert_eq!((c.user_data, c.result), (1, 0), "after shutdown({how:?})");
+            ep.close(fd);
+        }
+    }
+
+    #[test]
+    fn a_reset_peer_fails_recv_with_econnreset_then_send_with_epipe() {
+        let mut ep = Epoll::new().unwrap();
+        let (peer, fd) = nb_pair();
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: fd.as_raw_fd(),
+                buf: Vec::with_capacity(8),
+            },
+        );
+        quiet(&mut ep, Duration::from_millis(20));
+        // Closing with unread bytes makes the peer reset the connection.
+        ep.push(
+            2,
+            Sqe::Send {
+                fd: fd.as_raw_fd(),
+                buf: b"unread".to_vec(),
+                start: 0,
+                end: 6,
+            },
+        );
+        assert_eq!(one(&mut ep).result, 6);
+        let mut wait_for_bytes = [0; 6];
+        assert_eq!(peer.peek(&mut wait_for_bytes).unwrap(), 6);
+        drop(peer);
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (1, -libc::ECONNRESET));
+
+        ep.push(
+            3,
+            Sqe::Send {
+                fd: fd.as_raw_fd(),
+                buf: b"more".to_vec(),
+                start: 0,
+                end: 4,
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (3, -libc::EPIPE));
+        assert_eq!(c.buf.unwrap(), b"more");
+        ep.close(fd);
+    }
+
+    #[test]
+    fn a_bad_fd_fails_through_wait() {
+        let mut ep = Epoll::new().unwrap();
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: -1,
+                buf: Vec::with_capacity(8),
+            },
+        );
+        let c = one(&mut ep);
+        assert_eq!((c.user_data, c.result), (1, -libc::EBADF));
+        assert_eq!(c.buf.unwrap().capacity(), 8);
+    }
+
+    #[test]
+    fn close_forgets_a_socket() {
+        let mut ep = Epoll::new().unwrap();
+        let (mut peer, fd) = nb_pair();
+        let raw = fd.as_raw_fd();
+        peer.write_all(b"x").unwrap();
+        ep.push(
+            1,
+            Sqe::Recv {
+                fd: raw,
+                buf: Vec::with_capacity(8),
+            },
+        );
+        assert_eq!(one(&mut ep).result, 1);
+        let i = usize::try_from(raw).unwrap();
+        assert!(ep.core.fds[i].registered);
+        ep.close(fd);
+        let st = &ep.core.fds[i];
+        assert!(!st.registered && st.readable && st.writable);
+        // The peer's end of stream comes to no one.
+        drop(peer);
+        quiet(&mut ep, Duration::from_millis(20));
+    }
+}

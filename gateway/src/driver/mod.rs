@@ -9,14 +9,13 @@
 //! Ownership is what keeps this sound without `unsafe` outside the backends: an operation owns
 //! its buffer (a `Vec<u8>`, moved in with the [`Sqe`]) until its [`Cqe`] hands it back, so the
 //! kernel can never write into memory the rest of the gateway still uses or has freed.
-#![deny(unsafe_code)] // not forbid: `uring` below opts out, per block, with SAFETY comments
+#![deny(unsafe_code)] // not forbid: the backends (uring.rs, epoll.rs) opt out, with SAFETY comments
 
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
 pub(crate) mod epoll;
-pub(crate) mod event_loop;
 pub(crate) mod uring;
 
 /// An operation for a backend. Buffers move in with it and come back with its [`Cqe`].
@@ -102,7 +101,8 @@ pub(crate) trait Backend {
 }
 
 /// Which backend runs the data plane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum IoBackend {
     /// io_uring where it can be set up, epoll where it cannot (a seccomp profile that denies
     /// it, `kernel.io_uring_disabled`, an old kernel).
@@ -112,16 +112,4 @@ pub(crate) enum IoBackend {
     Uring,
     /// epoll, even where io_uring works.
     Epoll,
-}
-
-impl IoBackend {
-    /// The configuration's spelling: `auto`, `uring` or `epoll`.
-    pub(crate) fn parse(name: &str) -> Option<Self> {
-        match name {
-            "auto" => Some(Self::Auto),
-            "uring" => Some(Self::Uring),
-            "epoll" => Some(Self::Epoll),
-            _ => None,
-        }
-    }
 }
