@@ -1,7 +1,7 @@
 //! `gateway`: a thread-per-core WebSocket reverse proxy that parses and validates every frame
 //! it relays. A library so the simulation tests and `fuzz/` reach the sans-IO relay code; the
 //! binary (`main.rs`) only calls [`main`].
-// `unsafe` is denied crate-wide (workspace lints); `driver::uring` alone opts out, per block.
+// `unsafe` is denied crate-wide (workspace lints); the two `driver` backends alone opt out, per block.
 #![deny(unsafe_code)]
 
 mod admin;

@@ -16,6 +16,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
 pub(crate) mod epoll;
+pub(crate) mod event_loop;
 pub(crate) mod uring;
 
 /// An operation for a backend. Buffers move in with it and come back with its [`Cqe`].
@@ -101,8 +102,7 @@ pub(crate) trait Backend {
 }
 
 /// Which backend runs the data plane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub(crate) enum IoBackend {
     /// io_uring where it can be set up, epoll where it cannot (a seccomp profile that denies
     /// it, `kernel.io_uring_disabled`, an old kernel).
@@ -112,4 +112,16 @@ pub(crate) enum IoBackend {
     Uring,
     /// epoll, even where io_uring works.
     Epoll,
+}
+
+impl IoBackend {
+    /// The configuration's spelling: `auto`, `uring` or `epoll`.
+    pub(crate) fn parse(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "uring" => Some(Self::Uring),
+            "epoll" => Some(Self::Epoll),
+            _ => None,
+        }
+    }
 }
