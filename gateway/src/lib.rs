@@ -20,6 +20,7 @@ mod keepalive;
 mod leg;
 mod lifecycle;
 mod metrics;
+mod policy;
 mod relay;
 mod reload;
 mod signals;
