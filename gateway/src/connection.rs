@@ -378,7 +378,7 @@ async fn respond(stream: &Stream, core: &Core, status: u16, mut out: Vec<u8>) {
 }
 
 /// How long a connection refused at accept is kept to take in what the client sent, at most.
-const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+pub(crate) const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// Refuses a connection over a limit as soon as it is accepted: answers 429 at once without
 /// reading the request (the limits need only the address), and lets go of it.

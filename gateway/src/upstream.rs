@@ -19,7 +19,7 @@ use crate::uring::Stream;
 const FORWARDED_HEADERS: [&str; 4] = ["Origin", "Cookie", "Authorization", "User-Agent"];
 
 /// Largest non-101 answer (head and body) passed from a backend to the client.
-const MAX_REJECTION: usize = 64 * 1024;
+pub(crate) const MAX_REJECTION: usize = 64 * 1024;
 
 /// A backend that accepted the upgrade.
 pub(crate) struct Upgraded {
@@ -140,7 +140,10 @@ impl UpstreamError {
 }
 
 /// The headers the backend receives besides the WebSocket ones.
-fn upstream_headers(req: &UpgradeRequest, client: SocketAddr) -> Vec<(&'static str, Vec<u8>)> {
+pub(crate) fn upstream_headers(
+    req: &UpgradeRequest,
+    client: SocketAddr,
+) -> Vec<(&'static str, Vec<u8>)> {
     let mut headers: Vec<(&'static str, Vec<u8>)> = FORWARDED_HEADERS
         .iter()
         .filter_map(|&name| req.header(name).map(|v| (name, v.to_vec())))
@@ -309,7 +312,13 @@ pub(crate) async fn open(
 /// Counts a failure of backend `index` during `stage` (`connect` or `upgrade`) toward its
 /// ejection and logs it with `why`; when it ejects the backend, says so on a line of its own,
 /// with the last error, the failures in a row and the cool-down.
-fn backend_failed(pool: &Pool, runtime: &PoolRuntime, index: usize, stage: &str, why: &str) {
+pub(crate) fn backend_failed(
+    pool: &Pool,
+    runtime: &PoolRuntime,
+    index: usize,
+    stage: &str,
+    why: &str,
+) {
     let backend = &pool.backends[index];
     let failure = runtime.state.record_failure(index, pool);
     let failures = match failure {
