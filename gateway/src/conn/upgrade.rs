@@ -18,6 +18,7 @@ use codec::handshake::{
     offers_permessage_deflate,
 };
 
+use crate::policy::Refusal;
 use crate::admission::Admitted;
 use crate::balance::{ActiveGuard, HashInput, hash_input};
 use crate::config::{BackendUrl, Balance, Config, Route, Upstream};
@@ -379,14 +380,9 @@ impl Upgrade {
             }
             Err(refusal) => {
                 tracing::info!(%client, why = refusal.as_str(), "upgrade refused");
-                ctx.metrics.upgrade(429);
-                let out = plain(
-                    429,
-                    "Too Many Requests",
-                    refusal.as_str(),
-                    "Retry-After: 1\r\n",
-                );
-                State::Refusing(Writing::start(io, Side::Client, out))
+                let refusal = Refusal::OverLimit(refusal);
+                ctx.metrics.upgrade(refusal.status().0);
+                State::Refusing(Writing::start(io, Side::Client, refusal.response()))
             }
         };
         let mut upgrade = Self {
@@ -797,21 +793,14 @@ impl Conn {
         if ctx.draining.get().is_some() {
             // Accepted just before the drain began: refuse rather than start a WebSocket that
             // would be closed at once.
-            let out = plain(
-                503,
-                "Service Unavailable",
-                "the gateway is shutting down",
-                "Retry-After: 1\r\n",
-            );
-            return respond(ctx, io, 503, out, Then::Nothing, Some(admitted));
+            return refuse_with(Refusal::Draining, ctx, io, Some(admitted));
         }
         let cfg = self.config();
         // `req.path` is already normalised (codec::target): the route matches the very path
         // the backend will be sent.
         let Some(route) = cfg.route(&req.host, &req.path) else {
             tracing::info!(client = %self.client, host = req.host, path = req.path, "no route");
-            let out = plain(404, "Not Found", "no route for this host and path", "");
-            return respond(ctx, io, 404, out, Then::Nothing, Some(admitted));
+            return refuse_with(Refusal::NoRoute, ctx, io, Some(admitted));
         };
         if !route.allows_origin(req.header("Origin")) {
             let origin = req
@@ -825,8 +814,7 @@ impl Conn {
                 origin = &*origin,
                 "origin not allowed"
             );
-            let out = plain(403, "Forbidden", "origin not allowed", "");
-            return respond(ctx, io, 403, out, Then::Nothing, Some(admitted));
+            return refuse_with(Refusal::OriginRefused, ctx, io, Some(admitted));
         }
         let routed = Routed {
             route: route_index(cfg, route),
@@ -1095,6 +1083,17 @@ fn pass_rejection(
     refuse(attempt.routed, attempt.pool, error, ctx, io)
 }
 
+/// Answers with one of the gateway's own refusals (the policy's status and body).
+fn refuse_with(
+    refusal: Refusal,
+    ctx: &CoreCtx,
+    io: &mut dyn Io,
+    admitted: Option<Admitted>,
+) -> Next {
+    let status = refusal.status().0;
+    respond(ctx, io, status, refusal.response(), Then::Nothing, admitted)
+}
+
 /// Answers a client whose upgrade no backend took: 502, 503 when the gateway itself ran
 /// out of a resource, or the backend's own refusal.
 fn refuse(routed: Routed, pool: usize, e: UpstreamError, ctx: &CoreCtx, io: &mut dyn Io) -> Next {
@@ -1144,14 +1143,7 @@ fn upstream_refusal(
     e: UpstreamError,
     metrics: &CoreMetrics,
 ) -> (Option<usize>, Cow<'static, str>, Vec<u8>) {
-    let bad_gateway = || {
-        plain(
-            502,
-            "Bad Gateway",
-            "no backend could take the connection",
-            "",
-        )
-    };
+    let bad_gateway = || Refusal::NoBackend.response();
     match e {
         UpstreamError::Unreachable => (None, "no backend available".into(), bad_gateway()),
         UpstreamError::Local {
@@ -1160,12 +1152,7 @@ fn upstream_refusal(
             error,
         } => {
             metrics.local_error(why);
-            let out = plain(
-                503,
-                "Service Unavailable",
-                why.explain(),
-                "Retry-After: 1\r\n",
-            );
+            let out = Refusal::Local(why).response();
             // The OS's words (`Too many open files (os error 24)`): the operator's clue.
             (Some(backend), error.to_string().into(), out)
         }
