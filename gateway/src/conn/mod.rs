@@ -24,6 +24,7 @@ use crate::metrics::CoreMetrics;
 use crate::reload::{Generation, Shared};
 
 pub(crate) mod echo;
+mod leg;
 pub(crate) mod relay;
 pub(crate) mod upgrade;
 
@@ -208,7 +209,6 @@ pub(crate) struct LogLine {
     /// When the connection was accepted.
     pub(crate) started: Instant,
 }
-
 
 /// The per-connection settings a generation implies.
 pub(crate) fn settings(generation: &Generation) -> Settings {
