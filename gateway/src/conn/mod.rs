@@ -210,6 +210,7 @@ pub(crate) struct LogLine {
     pub(crate) started: Instant,
 }
 
+
 /// The per-connection settings a generation implies.
 pub(crate) fn settings(generation: &Generation) -> Settings {
     let t = &generation.config.timeouts;
