@@ -1,2 +1,433 @@
-//! (filled by its own change)
+//! The embedded echo as a state machine: with no backend configured, the gateway answers
+//! the client itself, frame by frame (never buffering a message), validating like any leg.
+//! Keepalive, drain, the write timeout and the close timeout work as on a proxied
+//! connection; the async code (`crate::echo`) is the reference.
 #![forbid(unsafe_code)]
+
+use std::net::Shutdown;
+use std::time::Instant;
+
+use codec::CloseCode;
+use codec::frame::Role;
+
+use super::leg::{
+    Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
+};
+use super::{CoreCtx, Event, Io, Outcome, Settings, Status, Upgraded};
+use crate::drain::Drain;
+use crate::forward::{ControlPayload, Forwarder, Mode, Step};
+use crate::lifecycle::Side;
+use crate::metrics::{CloseDirection, Direction};
+
+/// Each frame is counted both ways: in from the client, and echoed back.
+const BOTH_WAYS: [Direction; 2] = [Direction::ClientToBackend, Direction::BackendToClient];
+
+/// Where the echo loop stands.
+#[derive(Debug)]
+enum Stage {
+    /// The buffer holds bytes to process.
+    Process,
+    /// A read is in flight.
+    Reading,
+    /// The output goes back to the client; then the step processing stopped on is handled.
+    Flushing(Step),
+    /// The reply to a close (the client's, echoed) or the gateway's close after a violation
+    /// is being written.
+    Replying {
+        /// When the client's close came, if this reply completes its handshake.
+        since: Option<Instant>,
+        /// A violation: FIN and a bounded drain follow.
+        violation: bool,
+    },
+    /// FIN sent after a violation: the client's bytes are discarded until it closes TCP or
+    /// the close timeout passes at this instant.
+    Draining(Instant),
+    /// The echo is over.
+    Done,
+}
+
+/// The watchdog's position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Watch {
+    /// Keepalive, drain and the write timeout.
+    Open,
+    /// The gateway's own close is being written, under the write timeout.
+    Closing,
+    /// The close timeout ends the connection at this instant.
+    Waiting(Instant),
+    /// The close timeout passed and the socket was shut.
+    Over,
+}
+
+/// The gateway's own close of an echo connection, if it sent one first.
+#[derive(Clone, Copy, Debug)]
+struct GatewayClosed {
+    /// Its code.
+    code: CloseCode,
+    /// Its reason text, for the access log.
+    reason: &'static str,
+    /// When it was decided: the start of the close handshake.
+    since: Instant,
+}
+
+/// A client upgraded onto the embedded echo.
+pub(crate) struct Echo {
+    /// Settings, access log line, admission; taken (released) at the end.
+    up: Option<Box<Upgraded>>,
+    /// The client.
+    leg: Leg,
+    /// Client to client.
+    pump: Pump,
+    /// The echo loop.
+    stage: Stage,
+    /// The watchdog.
+    watch: Watch,
+    /// How the connection ended, for the access log.
+    outcome: Outcome,
+    /// The gateway's own close, if it sent one first.
+    gateway_closed: Option<GatewayClosed>,
+    /// The earliest timer asked for that has not fired.
+    timer: Option<Instant>,
+    /// The loop finished and the socket was shut: only completions are awaited.
+    ended: bool,
+}
+
+/// The settings, present until the machine ends.
+fn settings(up: &Option<Box<Upgraded>>) -> &Settings {
+    &up.as_ref()
+        .expect("an echo is only driven until it reports Done")
+        .settings
+}
+
+impl Echo {
+    /// Takes over an upgraded connection: echoes the bytes that came with the handshake,
+    /// arms the read and the timer, and closes at once if the core is already draining.
+    pub(crate) fn start(mut up: Box<Upgraded>, ctx: &CoreCtx, io: &mut dyn Io) -> (Self, Status) {
+        let now = io.now();
+        let s = up.settings;
+        let fwd = Forwarder::new(Role::Server, s.limits, false, Mode::Echo);
+        let pump = Pump::new(fwd, std::mem::take(&mut up.client_input), s.buffer);
+        let mut echo = Self {
+            up: Some(up),
+            leg: Leg::new(Side::Client, now),
+            pump,
+            stage: Stage::Process,
+            watch: Watch::Open,
+            outcome: Outcome::default(),
+            gateway_closed: None,
+            timer: None,
+            ended: false,
+        };
+        let mut status = echo.drive(ctx, io);
+        if let Some(code) = ctx.draining.get() {
+            echo.gateway_close(code, Drain::reason(code), now);
+            status = echo.drive(ctx, io);
+        }
+        (echo, status)
+    }
+
+    /// Handles one event; `Done` once the connection ended with nothing in flight.
+    pub(crate) fn on_event(&mut self, event: Event, ctx: &CoreCtx, io: &mut dyn Io) -> Status {
+        if self.up.is_none() {
+            return Status::Done;
+        }
+        let now = io.now();
+        let limit = settings(&self.up).buffer;
+        match event {
+            Event::Received { buf, result, .. } => {
+                let more = self.pump.on_read(&mut self.leg, buf, &result, limit, now);
+                match (&self.stage, more) {
+                    (Stage::Reading, true) => self.stage = Stage::Process,
+                    (Stage::Reading, false) => {
+                        self.outcome.close_code = Some(CloseCode::ABNORMAL);
+                        self.outcome.closed_by = Some("client");
+                        self.outcome.reason = Some("client went away");
+                        self.stage = Stage::Done;
+                    }
+                    (Stage::Draining(_), true) => {}
+                    (Stage::Draining(_), false) => self.stage = Stage::Done,
+                    _ => unreachable!("a read is in flight only while reading or draining"),
+                }
+            }
+            Event::Sent { buf, result, .. } => match self.leg.sending() {
+                Sending::Control => self.leg.ctl_sent(io, buf, result, &ctx.metrics, now),
+                Sending::Data => match self.pump.on_write(&mut self.leg, buf, &result, io, now) {
+                    Flushed::More => {}
+                    Flushed::Done => {
+                        let stage = std::mem::replace(&mut self.stage, Stage::Process);
+                        let Stage::Flushing(step) = stage else {
+                            unreachable!("the echo writes only while flushing")
+                        };
+                        self.after_step(step, ctx, io, now);
+                    }
+                    Flushed::Failed => self.stage = Stage::Done,
+                },
+                Sending::Idle => unreachable!("a write came back that was not in flight"),
+            },
+            Event::Timer => self.on_timer(io, now),
+            Event::Drain(code) => self.gateway_close(code, Drain::reason(code), now),
+            // The echo connects nowhere.
+            Event::Connected(_) => {}
+        }
+        self.drive(ctx, io)
+    }
+
+    /// Moves everything along until nothing changes, then reports.
+    fn drive(&mut self, ctx: &CoreCtx, io: &mut dyn Io) -> Status {
+        let now = io.now();
+        loop {
+            let mut progress = self.step_echo(ctx, io, now);
+            progress |= self.leg.pump_ctl(io, now);
+            progress |= self.step_watch(io, now);
+            if !self.ended && matches!(self.stage, Stage::Done) {
+                self.leg.shutdown(io, Shutdown::Both);
+                self.ended = true;
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+        if self.ended && self.leg.in_flight() == 0 {
+            self.finish();
+            return Status::Done;
+        }
+        self.arm(io, now);
+        Status::Running
+    }
+
+    /// One move of the echo loop; says whether anything changed.
+    fn step_echo(&mut self, ctx: &CoreCtx, io: &mut dyn Io, now: Instant) -> bool {
+        match &self.stage {
+            Stage::Process => {
+                let limit = settings(&self.up).buffer;
+                let (step, flush) = self.pump.process(limit, &ctx.metrics, &BOTH_WAYS);
+                if flush {
+                    self.stage = Stage::Flushing(step);
+                } else {
+                    self.after_step(step, ctx, io, now);
+                }
+                true
+            }
+            Stage::Flushing(_) => {
+                if self.pump.buf.is_none() || self.leg.sending() != Sending::Idle {
+                    return false;
+                }
+                if self.leg.close_decided() {
+                    // The client was sent a close: nothing may follow it.
+                    self.pump.done(None);
+                    let stage = std::mem::replace(&mut self.stage, Stage::Process);
+                    let Stage::Flushing(step) = stage else {
+                        unreachable!("matched above")
+                    };
+                    self.after_step(step, ctx, io, now);
+                } else if self.leg.write_shut() {
+                    // The write would fail at once.
+                    self.stage = Stage::Done;
+                } else {
+                    self.pump.write(&mut self.leg, io, now);
+                }
+                true
+            }
+            &Stage::Replying { since, violation } => {
+                if !self.leg.settled() {
+                    return false;
+                }
+                if let Some(since) = since {
+                    // The echoed close completes the client's handshake.
+                    ctx.metrics
+                        .close_handshake(now.saturating_duration_since(since));
+                }
+                self.stage = if violation {
+                    // We failed the connection: FIN after our close, then give the client a
+                    // bounded moment to answer and close its side before the socket goes.
+                    self.leg.shutdown(io, Shutdown::Write);
+                    Stage::Draining(now + settings(&self.up).close_timeout)
+                } else {
+                    Stage::Done
+                };
+                true
+            }
+            Stage::Draining(_) => {
+                if self.pump.buf.is_none() {
+                    false
+                } else if self.leg.read_shut() {
+                    self.stage = Stage::Done;
+                    true
+                } else {
+                    self.pump.discard_read(&mut self.leg, io);
+                    true
+                }
+            }
+            Stage::Reading | Stage::Done => false,
+        }
+    }
+
+    /// Goes on after the output of a processing step went out (or was dropped).
+    fn after_step(&mut self, step: Step, ctx: &CoreCtx, io: &mut dyn Io, now: Instant) {
+        match step {
+            Step::NeedInput => {
+                if self.leg.read_shut() {
+                    self.outcome.close_code = Some(CloseCode::ABNORMAL);
+                    self.outcome.closed_by = Some("client");
+                    self.outcome.reason = Some("client went away");
+                    self.stage = Stage::Done;
+                } else {
+                    self.pump.read(&mut self.leg, io);
+                    self.stage = Stage::Reading;
+                }
+            }
+            Step::Close(payload) => {
+                let code = payload.close_code();
+                ctx.metrics.close_frame(
+                    Side::Client,
+                    CloseDirection::Received,
+                    code.map(CloseCode::get),
+                );
+                self.outcome.close_code = code;
+                self.outcome.closed_by = Some("client");
+                self.outcome.reason = Some("client sent close");
+                if let Some(closed) = self.gateway_closed {
+                    // The client answered the gateway's own close: the handshake is complete.
+                    ctx.metrics
+                        .close_handshake(now.saturating_duration_since(closed.since));
+                    self.stage = Stage::Done;
+                } else {
+                    // Echo the client's close payload back: the usual reply.
+                    self.leg.queue_close(payload);
+                    self.stage = Stage::Replying {
+                        since: Some(now),
+                        violation: false,
+                    };
+                }
+            }
+            Step::Violation(e) => {
+                self.outcome.close_code = Some(e.close_code());
+                self.outcome.closed_by = Some("gateway");
+                self.outcome.reason = Some(e.as_str());
+                let close = ControlPayload::close(e.close_code(), e.as_str());
+                self.leg.queue_close(Box::new(close));
+                self.stage = Stage::Replying {
+                    since: None,
+                    violation: true,
+                };
+            }
+        }
+    }
+
+    /// One move of the watchdog; says whether anything changed.
+    fn step_watch(&mut self, io: &mut dyn Io, now: Instant) -> bool {
+        match self.watch {
+            Watch::Closing if self.leg.settled() => {
+                self.watch = Watch::Waiting(now + settings(&self.up).close_timeout);
+            }
+            Watch::Waiting(at) if now >= at => {
+                self.leg.shutdown(io, Shutdown::Both);
+                if !self.ended {
+                    self.outcome.timed_out = true;
+                }
+                self.watch = Watch::Over;
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// A timer fired: the write timeout, keepalive, and the drain's bound after a violation
+    /// (the close timeout is the watchdog's, in [`Self::step_watch`]).
+    fn on_timer(&mut self, io: &mut dyn Io, now: Instant) {
+        self.timer = None;
+        let s = *settings(&self.up);
+        let mut aborted = false;
+        if matches!(self.watch, Watch::Open | Watch::Closing)
+            && self.leg.stalled(now, s.write_timeout)
+        {
+            // The client stopped reading: its write or read now fails, which ends the echo.
+            self.leg.abort(io);
+            aborted = true;
+        }
+        if self.watch == Watch::Open && !aborted {
+            match keepalive_check(std::slice::from_mut(&mut self.leg), &s.keepalive, io, now) {
+                None => {}
+                Some(Alarm::Idle) => self.gateway_close(CloseCode::GOING_AWAY, "idle timeout", now),
+                Some(Alarm::Dead(_)) => {
+                    self.gateway_close(CloseCode::GOING_AWAY, "ping timeout", now);
+                }
+            }
+        }
+        if let Stage::Draining(until) = self.stage
+            && now >= until
+        {
+            // The client did not close in time: the read in flight ends with the socket.
+            self.leg.shutdown(io, Shutdown::Both);
+        }
+    }
+
+    /// Asks for the next deadline, unless an earlier request stands.
+    fn arm(&mut self, io: &mut dyn Io, now: Instant) {
+        let s = settings(&self.up);
+        let mut next = None;
+        if matches!(self.watch, Watch::Open | Watch::Closing) {
+            next = self.leg.write_check(now, s.write_timeout);
+        }
+        if self.watch == Watch::Open {
+            let legs = std::slice::from_ref(&self.leg);
+            next = earliest(next, keepalive_deadline(legs, &s.keepalive, now));
+        }
+        if let Watch::Waiting(at) = self.watch {
+            next = earliest(next, Some(at));
+        }
+        if let Stage::Draining(until) = self.stage
+            && !self.leg.read_shut()
+        {
+            next = earliest(next, Some(until));
+        }
+        arm(io, &mut self.timer, next);
+    }
+
+    /// The gateway closes the client on its own (drain, idle, dead client), unless it was
+    /// already sent a close; then the close timeout runs.
+    fn gateway_close(&mut self, code: CloseCode, reason: &'static str, now: Instant) {
+        if self.watch != Watch::Open {
+            return;
+        }
+        if self.leg.close_decided() {
+            self.watch = Watch::Waiting(now + settings(&self.up).close_timeout);
+            return;
+        }
+        self.gateway_closed = Some(GatewayClosed {
+            code,
+            reason,
+            since: now,
+        });
+        self.leg
+            .queue_close(Box::new(ControlPayload::close(code, reason)));
+        self.watch = Watch::Closing;
+    }
+
+    /// Writes the access log line and releases the admission slot.
+    fn finish(&mut self) {
+        if let Some(closed) = self.gateway_closed {
+            self.outcome.close_code = Some(closed.code);
+            self.outcome.closed_by = Some("gateway");
+            self.outcome.reason = Some(closed.reason);
+        } else if self.leg.aborted {
+            // The client stopped reading: no close frame could reach it (1006 in the log).
+            self.outcome.close_code = None;
+            self.outcome.closed_by = Some("gateway");
+            self.outcome.reason = Some("client stopped reading");
+        }
+        self.outcome.bytes_in = self.pump.fwd.payload_bytes;
+        self.outcome.bytes_out = self.pump.fwd.payload_bytes;
+        if let Some(up) = self.up.take() {
+            up.log.write(&self.outcome);
+        }
+        self.pump.buf = None;
+    }
+
+    /// How the connection ended (complete once it reported `Done`).
+    #[cfg(test)]
+    pub(crate) fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+}

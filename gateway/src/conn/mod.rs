@@ -26,6 +26,7 @@ use crate::reload::{Generation, Shared};
 pub(crate) mod echo;
 mod fake;
 pub(crate) mod fuzzing;
+mod leg;
 pub(crate) mod relay;
 #[cfg(test)]
 mod sim;

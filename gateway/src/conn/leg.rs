@@ -1,0 +1,885 @@
+//! What the relay and the echo machines share: a peer's [`Leg`] (its operations in flight,
+//! the gateway's own control frames to it, its keepalive and write-timeout stamps) and one
+//! direction's [`Pump`] (its forwarder and its one buffer).
+//!
+//! The async code these replace kept a write lock per leg so that a ping or a close never
+//! landed inside a frame; here the same rule is a state check: a control frame goes to a leg
+//! only while no data write to it is in flight and its output stands at a frame boundary
+//! (`partial` false). A close that must go to a leg stuck inside a frame becomes a FIN.
+#![forbid(unsafe_code)]
+
+use std::net::Shutdown;
+use std::time::Instant;
+
+use codec::CloseCode;
+use codec::frame::{OpCode, write_frame};
+
+use super::{Io, MIN_READ};
+use crate::forward::{ControlPayload, Forwarder, Step};
+use crate::keepalive::{Keepalive, Verdict, WriteTimeout};
+use crate::leg::KEEPALIVE_PAYLOAD;
+use crate::lifecycle::Side;
+use crate::metrics::{CloseDirection, CoreMetrics, Direction};
+
+/// What a leg's write in flight carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sending {
+    /// No write is in flight.
+    Idle,
+    /// A pump's output (its direction's buffer).
+    Data,
+    /// The gateway's own ping or close (the leg's `ctl` buffer).
+    Control,
+}
+
+/// Where the gateway's close frame to a leg stands.
+#[derive(Debug)]
+pub(crate) enum CloseState {
+    /// None was decided.
+    None,
+    /// Decided; it goes once the leg's write in flight ends. Boxed: once per connection, and
+    /// inline it would enlarge every idle connection.
+    Pending(Box<ControlPayload>),
+    /// Being written; the code is counted once the write succeeds.
+    Writing(Option<CloseCode>),
+    /// Written, replaced by a FIN, or the leg was given up on: nothing more goes to it.
+    Sent,
+}
+
+/// One peer of a connection, as the machines see it.
+#[derive(Debug)]
+pub(crate) struct Leg {
+    /// Which peer.
+    pub(crate) side: Side,
+    /// A read is in flight.
+    recv: bool,
+    /// What the write in flight carries.
+    send: Sending,
+    /// The gateway's close to this peer.
+    pub(crate) close: CloseState,
+    /// The control frame being written (empty while lent to the write, and between frames:
+    /// its capacity is reused, so pings allocate once per leg).
+    ctl: Vec<u8>,
+    /// Bytes of `ctl` already written.
+    ctl_sent: u8,
+    /// The bytes written to this peer stop inside a frame: no control frame may follow.
+    pub(crate) partial: bool,
+    /// Reads were shut down: a read ends at once.
+    shut_read: bool,
+    /// Writes were shut down: nothing more can be written.
+    shut_write: bool,
+    /// The write timeout gave up on this peer.
+    pub(crate) aborted: bool,
+    /// Shut the socket down both ways once the close is settled (a dead peer).
+    kill_after_close: bool,
+    /// When bytes last arrived from this peer (pongs included): liveness for keepalive.
+    pub(crate) last_seen: Instant,
+    /// When the gateway last pinged this peer.
+    pinged: Option<Instant>,
+    /// While a write is in flight: when it started or last moved bytes.
+    write_since: Option<Instant>,
+}
+
+impl Leg {
+    /// A leg with nothing in flight, last heard from `now`.
+    pub(crate) fn new(side: Side, now: Instant) -> Self {
+        Self {
+            side,
+            recv: false,
+            send: Sending::Idle,
+            close: CloseState::None,
+            ctl: Vec::new(),
+            ctl_sent: 0,
+            partial: false,
+            shut_read: false,
+            shut_write: false,
+            aborted: false,
+            kill_after_close: false,
+            last_seen: now,
+            pinged: None,
+            write_since: None,
+        }
+    }
+
+    /// Operations in flight on this leg.
+    pub(crate) fn in_flight(&self) -> usize {
+        usize::from(self.recv) + usize::from(self.send != Sending::Idle)
+    }
+
+    /// What the write in flight carries.
+    pub(crate) fn sending(&self) -> Sending {
+        self.send
+    }
+
+    /// Whether a read is in flight.
+    pub(crate) fn receiving(&self) -> bool {
+        self.recv
+    }
+
+    /// Whether a close was decided for this peer (or it was given up on): its data output is
+    /// dropped from now on.
+    pub(crate) fn close_decided(&self) -> bool {
+        !matches!(self.close, CloseState::None)
+    }
+
+    /// Whether no close to this peer is waiting or being written.
+    pub(crate) fn settled(&self) -> bool {
+        matches!(self.close, CloseState::None | CloseState::Sent)
+    }
+
+    /// Whether writes to this peer were shut down.
+    pub(crate) fn write_shut(&self) -> bool {
+        self.shut_write
+    }
+
+    /// Whether reads from this peer were shut down.
+    pub(crate) fn read_shut(&self) -> bool {
+        self.shut_read
+    }
+
+    /// Whether a write to this peer is in flight or it stands inside a frame: the async
+    /// code's write lock was held.
+    pub(crate) fn busy(&self) -> bool {
+        self.send != Sending::Idle || self.partial
+    }
+
+    /// Decides a close for this peer, unless one was already (`Leg::send_close`'s
+    /// `close_sent`); [`Leg::pump_ctl`] sends it.
+    pub(crate) fn queue_close(&mut self, payload: Box<ControlPayload>) {
+        if matches!(self.close, CloseState::None) {
+            self.close = CloseState::Pending(payload);
+        }
+    }
+
+    /// Shuts the socket down once this peer's close is settled (a dead peer: nothing will
+    /// come back from it).
+    pub(crate) fn kill_after_close(&mut self) {
+        self.kill_after_close = true;
+    }
+
+    /// Shuts the socket down `how`, unless it already is.
+    pub(crate) fn shutdown(&mut self, io: &mut dyn Io, how: Shutdown) {
+        let (read, write) = match how {
+            Shutdown::Read => (true, false),
+            Shutdown::Write => (false, true),
+            Shutdown::Both => (true, true),
+        };
+        if (read && !self.shut_read) || (write && !self.shut_write) {
+            io.shutdown(self.side, how);
+        }
+        self.shut_read |= read;
+        self.shut_write |= write;
+    }
+
+    /// Gives up on this peer: its write moved no bytes for the write timeout. Nothing more is
+    /// written to it, and shutting it down ends its operations in flight (a close being
+    /// written is counted only if it completes anyway).
+    pub(crate) fn abort(&mut self, io: &mut dyn Io) {
+        self.aborted = true;
+        if !matches!(self.close, CloseState::Writing(_)) {
+            self.close = CloseState::Sent;
+        }
+        self.shutdown(io, Shutdown::Both);
+    }
+
+    /// Starts a read of at least `min_spare` bytes into `buf`.
+    pub(crate) fn recv(&mut self, io: &mut dyn Io, mut buf: Vec<u8>, min_spare: usize) {
+        debug_assert!(!self.recv, "one read per leg");
+        buf.reserve(min_spare);
+        self.recv = true;
+        io.recv(self.side, buf);
+    }
+
+    /// A read came back: `n` bytes (0 or an error: none) arrived at `now`.
+    pub(crate) fn received(&mut self, got_bytes: bool, now: Instant) {
+        self.recv = false;
+        if got_bytes {
+            self.last_seen = now;
+        }
+    }
+
+    /// Starts a write of `buf[start..end]`; its clock starts now.
+    pub(crate) fn send(
+        &mut self,
+        io: &mut dyn Io,
+        what: Sending,
+        buf: Vec<u8>,
+        (start, end): (usize, usize),
+        now: Instant,
+    ) {
+        debug_assert!(self.send == Sending::Idle, "one write per leg");
+        self.send = what;
+        self.write_since = Some(now);
+        io.send(self.side, buf, start, end);
+    }
+
+    /// A write came back (the caller goes on with its buffer).
+    pub(crate) fn sent(&mut self) {
+        self.send = Sending::Idle;
+        self.write_since = None;
+    }
+
+    /// Whether the write in flight moved no bytes for the write timeout.
+    pub(crate) fn stalled(&self, now: Instant, write: WriteTimeout) -> bool {
+        self.write_since.is_some_and(|since| {
+            let ms = now.saturating_duration_since(since).as_millis();
+            write.expired(u32::try_from(ms).unwrap_or(u32::MAX), 0)
+        })
+    }
+
+    /// When to look at the write in flight again: every quarter of the timeout, as the async
+    /// watchdog's ticker did.
+    pub(crate) fn write_check(&self, now: Instant, write: WriteTimeout) -> Option<Instant> {
+        let since = self.write_since.filter(|_| write.enabled())?;
+        let at = since + write.tick();
+        Some(if at > now { at } else { now + write.tick() })
+    }
+
+    /// Moves the gateway's control frames along: a decided close goes once no write is in
+    /// flight (a FIN instead if the peer stands inside a frame or cannot be written to); a
+    /// dead peer is shut once its close is settled. Says whether anything changed.
+    pub(crate) fn pump_ctl(&mut self, io: &mut dyn Io, now: Instant) -> bool {
+        let mut progress = false;
+        if matches!(self.close, CloseState::Pending(_)) && self.send == Sending::Idle {
+            let CloseState::Pending(payload) = std::mem::replace(&mut self.close, CloseState::Sent)
+            else {
+                unreachable!("matched above")
+            };
+            if self.partial || self.shut_write {
+                self.shutdown(io, Shutdown::Write);
+            } else {
+                self.close = CloseState::Writing(payload.close_code());
+                self.write_control(io, OpCode::Close, payload.bytes(), now);
+            }
+            progress = true;
+        }
+        if self.kill_after_close && matches!(self.close, CloseState::Sent) {
+            self.kill_after_close = false;
+            self.shutdown(io, Shutdown::Both);
+            progress = true;
+        }
+        progress
+    }
+
+    /// Keepalive's ping, as `Leg::send_ping` did: skipped while the leg is busy (a later
+    /// deadline retries), and only recorded once the peer was sent a close.
+    pub(crate) fn ping(&mut self, io: &mut dyn Io, now: Instant) {
+        if self.busy() {
+            return;
+        }
+        self.pinged = Some(now);
+        if !self.close_decided() && !self.shut_write {
+            self.write_control(io, OpCode::Ping, KEEPALIVE_PAYLOAD, now);
+        }
+    }
+
+    /// Writes one control frame (masked toward a backend) from the leg's own buffer.
+    fn write_control(&mut self, io: &mut dyn Io, opcode: OpCode, payload: &[u8], now: Instant) {
+        let mask = (self.side == Side::Backend).then(rand::random);
+        let mut frame = std::mem::take(&mut self.ctl);
+        frame.clear();
+        write_frame(&mut frame, true, opcode, mask, payload);
+        let len = frame.len();
+        self.ctl_sent = 0;
+        self.send(io, Sending::Control, frame, (0, len), now);
+    }
+
+    /// A control frame's write came back.
+    pub(crate) fn ctl_sent(
+        &mut self,
+        io: &mut dyn Io,
+        buf: Vec<u8>,
+        result: std::io::Result<usize>,
+        metrics: &CoreMetrics,
+        now: Instant,
+    ) {
+        self.sent();
+        self.ctl = buf;
+        let ok = match result {
+            Ok(n) if n > 0 => {
+                let done = usize::from(self.ctl_sent) + n;
+                if done < self.ctl.len() {
+                    // At most 131 bytes: the count fits.
+                    self.ctl_sent = done as u8;
+                    let (frame, len) = (std::mem::take(&mut self.ctl), done);
+                    let end = frame.len();
+                    self.send(io, Sending::Control, frame, (len, end), now);
+                    return;
+                }
+                true
+            }
+            Ok(_) | Err(_) => false,
+        };
+        self.ctl.clear();
+        self.ctl_sent = 0;
+        if let CloseState::Writing(code) = self.close {
+            if ok {
+                metrics.close_frame(self.side, CloseDirection::Sent, code.map(CloseCode::get));
+            }
+            self.close = CloseState::Sent;
+        }
+    }
+
+    /// What keepalive says of this leg at `now`.
+    pub(crate) fn verdict(&self, keepalive: &Keepalive, now: Instant) -> Verdict {
+        keepalive.verdict(now, self.last_seen, self.pinged)
+    }
+
+    /// When this leg's keepalive verdict can next change.
+    pub(crate) fn keepalive_deadline(&self, keepalive: &Keepalive) -> Option<Instant> {
+        if keepalive.ping_interval.is_zero() {
+            return None;
+        }
+        Some(match self.pinged {
+            Some(at) if at >= self.last_seen => at + keepalive.pong_timeout,
+            _ => self.last_seen + keepalive.ping_interval,
+        })
+    }
+}
+
+/// The next keepalive deadline of a connection's legs: the idle timeout and each leg's ping
+/// or pong deadline. One already past (a ping skipped on a busy leg) is retried a tick later.
+pub(crate) fn keepalive_deadline(
+    legs: &[Leg],
+    keepalive: &Keepalive,
+    now: Instant,
+) -> Option<Instant> {
+    if !keepalive.enabled() {
+        return None;
+    }
+    let latest = legs.iter().map(|leg| leg.last_seen).max()?;
+    let idle = (!keepalive.idle.is_zero()).then(|| latest + keepalive.idle);
+    let next = legs
+        .iter()
+        .filter_map(|leg| leg.keepalive_deadline(keepalive))
+        .chain(idle)
+        .min()?;
+    Some(if next > now {
+        next
+    } else {
+        now + keepalive.tick()
+    })
+}
+
+/// Why a keepalive check ends a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Alarm {
+    /// No leg sent anything for the idle timeout.
+    Idle,
+    /// This leg was pinged and stayed silent past the pong deadline.
+    Dead(Side),
+}
+
+/// One keepalive check over a connection's legs (`crate::leg::keepalive_tick`): pings the
+/// legs that are due, and says whether the connection is idle or a leg is dead.
+pub(crate) fn keepalive_check(
+    legs: &mut [Leg],
+    keepalive: &Keepalive,
+    io: &mut dyn Io,
+    now: Instant,
+) -> Option<Alarm> {
+    let latest = legs.iter().map(|leg| leg.last_seen).max()?;
+    if keepalive.is_idle(now, latest) {
+        return Some(Alarm::Idle);
+    }
+    for leg in legs {
+        match leg.verdict(keepalive, now) {
+            Verdict::Fine => {}
+            Verdict::Ping => leg.ping(io, now),
+            Verdict::Dead => return Some(Alarm::Dead(leg.side)),
+        }
+    }
+    None
+}
+
+/// Asks for a timer at `next` unless an earlier request still stands (`timer`).
+pub(crate) fn arm(io: &mut dyn Io, timer: &mut Option<Instant>, next: Option<Instant>) {
+    if let Some(next) = next
+        && timer.is_none_or(|t| next < t)
+    {
+        io.wake_at(next);
+        *timer = Some(next);
+    }
+}
+
+/// The earlier of two optional deadlines.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// One direction: the forwarder and the one buffer it works in (`None` while lent to a read
+/// or a write).
+#[derive(Debug)]
+pub(crate) struct Pump {
+    /// Rewrites the sender's frames in place into what the receiver gets.
+    pub(crate) fwd: Forwarder,
+    /// The direction's buffer.
+    pub(crate) buf: Option<Vec<u8>>,
+    /// The next read's size: doubles while reads fill it, up to the buffer limit.
+    read_size: u32,
+    /// Bytes of the output written so far in the current flush.
+    sent: usize,
+    /// Frames already counted in the metrics.
+    frames: u64,
+    /// Payload bytes already counted in the metrics.
+    bytes: u64,
+}
+
+/// How a pump's write came back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// Short: the rest was submitted.
+    More,
+    /// All of the output went; the buffer is back and holds only unprocessed bytes.
+    Done,
+    /// The peer cannot be written to; the buffer is back.
+    Failed,
+}
+
+impl Pump {
+    /// A pump over `input` (bytes that came with a handshake).
+    pub(crate) fn new(fwd: Forwarder, input: Vec<u8>, limit: usize) -> Self {
+        Self {
+            fwd,
+            buf: Some(input),
+            read_size: u32::try_from(MIN_READ.min(limit)).unwrap_or(u32::MAX),
+            sent: 0,
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Processes the buffer; counts new frames in `dirs`; says why it stopped and whether
+    /// the output should be written now.
+    pub(crate) fn process(
+        &mut self,
+        limit: usize,
+        metrics: &CoreMetrics,
+        dirs: &[Direction],
+    ) -> (Step, bool) {
+        let buf = self
+            .buf
+            .as_mut()
+            .expect("a pump processes only a buffer it holds");
+        let step = self.fwd.process(buf);
+        if self.fwd.frames != self.frames || self.fwd.payload_bytes != self.bytes {
+            // Live counters: per batch, not per connection close.
+            let (df, db) = (
+                self.fwd.frames - self.frames,
+                self.fwd.payload_bytes - self.bytes,
+            );
+            for &dir in dirs {
+                metrics.frames(dir, df, db);
+            }
+            (self.frames, self.bytes) = (self.fwd.frames, self.fwd.payload_bytes);
+        }
+        let flush = self.fwd.should_flush(limit, &step);
+        (step, flush)
+    }
+
+    /// Starts reading `src` into the buffer.
+    pub(crate) fn read(&mut self, src: &mut Leg, io: &mut dyn Io) {
+        let buf = self.buf.take().expect("a pump reads only with its buffer");
+        src.recv(io, buf, self.read_size as usize);
+    }
+
+    /// A read came back with `buf`: says whether bytes arrived (else the peer is gone),
+    /// growing the next read while reads fill it.
+    pub(crate) fn on_read(
+        &mut self,
+        src: &mut Leg,
+        buf: Vec<u8>,
+        result: &std::io::Result<usize>,
+        limit: usize,
+        now: Instant,
+    ) -> bool {
+        self.buf = Some(buf);
+        let n = match result {
+            Ok(n) => *n,
+            Err(_) => 0,
+        };
+        src.received(n > 0, now);
+        let size = self.read_size as usize;
+        if n >= size && size < limit {
+            self.read_size = u32::try_from((size * 2).min(limit)).unwrap_or(u32::MAX);
+        }
+        n > 0
+    }
+
+    /// Writes the output (what remains of it) to `dst`.
+    pub(crate) fn write(&mut self, dst: &mut Leg, io: &mut dyn Io, now: Instant) {
+        let buf = self.buf.take().expect("a pump writes only with its buffer");
+        let end = self.fwd.output_len();
+        dst.send(io, Sending::Data, buf, (self.sent, end), now);
+    }
+
+    /// A write to `dst` came back with `buf`.
+    pub(crate) fn on_write(
+        &mut self,
+        dst: &mut Leg,
+        buf: Vec<u8>,
+        result: &std::io::Result<usize>,
+        io: &mut dyn Io,
+        now: Instant,
+    ) -> Flushed {
+        dst.sent();
+        self.buf = Some(buf);
+        match result {
+            Ok(n) if *n > 0 => {
+                self.sent += n;
+                if self.sent < self.fwd.output_len() {
+                    self.write(dst, io, now);
+                    return Flushed::More;
+                }
+                self.done(Some(dst));
+                Flushed::Done
+            }
+            Ok(_) | Err(_) => {
+                self.sent = 0;
+                Flushed::Failed
+            }
+        }
+    }
+
+    /// The output was written (to `dst`) or dropped (`None`): removes it and the input it came
+    /// from. Dropped output leaves the peer's view where it was, inside a frame or not.
+    pub(crate) fn done(&mut self, dst: Option<&mut Leg>) {
+        let buf = self
+            .buf
+            .as_mut()
+            .expect("a pump flushes only a buffer it holds");
+        buf.drain(..self.fwd.flushed());
+        self.sent = 0;
+        if let Some(dst) = dst {
+            dst.partial = self.fwd.output_mid_frame();
+        }
+    }
+
+    /// Starts a read whose bytes are thrown away (waiting for the peer to close TCP).
+    pub(crate) fn discard_read(&mut self, src: &mut Leg, io: &mut dyn Io) {
+        let mut buf = self.buf.take().expect("a pump reads only with its buffer");
+        buf.clear();
+        src.recv(io, buf, MIN_READ);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testio {
+    //! A scripted [`Io`] for machine tests: it records what a machine submits, lets the test
+    //! complete each operation with chosen results and bytes, and keeps a fake clock.
+
+    use std::io;
+    use std::net::{Shutdown, SocketAddr};
+    use std::time::{Duration, Instant};
+
+    use codec::frame::{Decoded, FrameHeader, OpCode, Role, write_frame};
+
+    use super::super::{CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, Upgraded};
+    use crate::keepalive::{Keepalive, WriteTimeout};
+    use crate::lifecycle::Side;
+
+    /// A write in flight: buffer and range.
+    pub(crate) type PendingSend = (Vec<u8>, usize, usize);
+
+    /// The fake loop's view of one connection.
+    pub(crate) struct FakeIo {
+        /// The fake clock.
+        pub(crate) now: Instant,
+        /// A read in flight per side (client, backend).
+        pub(crate) recvs: [Option<Vec<u8>>; 2],
+        /// A write in flight per side.
+        pub(crate) sends: [Option<PendingSend>; 2],
+        /// Every shutdown asked for, in order.
+        pub(crate) shutdowns: Vec<(Side, Shutdown)>,
+        /// The earliest timer asked for and not yet fired.
+        pub(crate) wake: Option<Instant>,
+        /// Bytes each side was sent (completed writes).
+        pub(crate) wire: [Vec<u8>; 2],
+        /// Every cancel asked for.
+        pub(crate) cancels: Vec<(Side, OpKind)>,
+    }
+
+    /// Index of a side in the fake's arrays.
+    pub(crate) fn ix(side: Side) -> usize {
+        match side {
+            Side::Client => 0,
+            Side::Backend => 1,
+        }
+    }
+
+    impl Default for FakeIo {
+        fn default() -> Self {
+            Self {
+                now: Instant::now(),
+                recvs: [None, None],
+                sends: [None, None],
+                shutdowns: Vec::new(),
+                wake: None,
+                wire: [Vec::new(), Vec::new()],
+                cancels: Vec::new(),
+            }
+        }
+    }
+
+    impl Io for FakeIo {
+        fn now(&self) -> Instant {
+            self.now
+        }
+        fn recv(&mut self, side: Side, buf: Vec<u8>) {
+            assert!(buf.capacity() > buf.len(), "a read needs spare capacity");
+            assert!(
+                self.recvs[ix(side)].replace(buf).is_none(),
+                "two reads on {side:?}"
+            );
+        }
+        fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {
+            assert!(
+                start < end && end <= buf.len(),
+                "bad write range {start}..{end}"
+            );
+            let old = self.sends[ix(side)].replace((buf, start, end));
+            assert!(old.is_none(), "two writes on {side:?}");
+        }
+        fn connect(&mut self, _addr: SocketAddr) -> io::Result<()> {
+            Err(io::Error::other("the fake loop does not connect"))
+        }
+        fn cancel(&mut self, side: Side, kind: OpKind) {
+            self.cancels.push((side, kind));
+        }
+        fn shutdown(&mut self, side: Side, how: Shutdown) {
+            self.shutdowns.push((side, how));
+        }
+        fn wake_at(&mut self, at: Instant) {
+            self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
+        }
+    }
+
+    impl FakeIo {
+        /// Operations in flight.
+        pub(crate) fn in_flight(&self) -> usize {
+            self.recvs.iter().flatten().count() + self.sends.iter().flatten().count()
+        }
+
+        /// Whether `side` was shut down for reading (`Read` or `Both`).
+        pub(crate) fn read_shut(&self, side: Side) -> bool {
+            self.shutdowns
+                .iter()
+                .any(|&(s, how)| s == side && how != Shutdown::Write)
+        }
+
+        /// Whether `side` was shut down for writing.
+        pub(crate) fn write_shut(&self, side: Side) -> bool {
+            self.shutdowns
+                .iter()
+                .any(|&(s, how)| s == side && how != Shutdown::Read)
+        }
+
+        /// Completes `side`'s read with as much of `bytes` as fits its spare room; returns
+        /// the event and how many bytes went.
+        pub(crate) fn read(&mut self, side: Side, bytes: &[u8]) -> (Event, usize) {
+            let mut buf = self.recvs[ix(side)]
+                .take()
+                .unwrap_or_else(|| panic!("no read on {side:?}"));
+            let n = bytes.len().min(buf.capacity() - buf.len());
+            buf.extend_from_slice(&bytes[..n]);
+            let event = Event::Received {
+                side,
+                buf,
+                result: Ok(n),
+            };
+            (event, n)
+        }
+
+        /// Completes `side`'s read with end of stream.
+        pub(crate) fn eof(&mut self, side: Side) -> Event {
+            let buf = self.recvs[ix(side)]
+                .take()
+                .unwrap_or_else(|| panic!("no read on {side:?}"));
+            Event::Received {
+                side,
+                buf,
+                result: Ok(0),
+            }
+        }
+
+        /// Completes `side`'s write with at most `max` bytes (the peer takes them); fails it
+        /// if the socket was shut for writing.
+        pub(crate) fn write(&mut self, side: Side, max: usize) -> Event {
+            if self.write_shut(side) {
+                return self.fail_write(side);
+            }
+            let (buf, start, end) = self.sends[ix(side)]
+                .take()
+                .unwrap_or_else(|| panic!("no write on {side:?}"));
+            let n = (end - start).min(max);
+            self.wire[ix(side)].extend_from_slice(&buf[start..start + n]);
+            Event::Sent {
+                side,
+                buf,
+                result: Ok(n),
+            }
+        }
+
+        /// Fails `side`'s write (broken pipe).
+        pub(crate) fn fail_write(&mut self, side: Side) -> Event {
+            let (buf, ..) = self.sends[ix(side)]
+                .take()
+                .unwrap_or_else(|| panic!("no write on {side:?}"));
+            Event::Sent {
+                side,
+                buf,
+                result: Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+            }
+        }
+
+        /// The completion a shut socket owes next: a read on a side shut for reading ends
+        /// with end of stream, a write on a side shut for writing with an error.
+        pub(crate) fn owed(&mut self) -> Option<Event> {
+            for side in [Side::Client, Side::Backend] {
+                if self.recvs[ix(side)].is_some() && self.read_shut(side) {
+                    return Some(self.eof(side));
+                }
+                if self.sends[ix(side)].is_some() && self.write_shut(side) {
+                    return Some(self.fail_write(side));
+                }
+            }
+            None
+        }
+
+        /// Moves the clock on by `d`; returns the timer event if a requested one is now due.
+        pub(crate) fn advance(&mut self, d: Duration) -> Option<Event> {
+            self.now += d;
+            match self.wake {
+                Some(at) if at <= self.now => {
+                    self.wake = None;
+                    Some(Event::Timer)
+                }
+                _ => None,
+            }
+        }
+
+        /// The frames `side` was sent since the last call, decoded as that side's role would
+        /// (masked toward a backend): (opcode, unmasked payload).
+        pub(crate) fn take_frames(&mut self, side: Side) -> Vec<(OpCode, Vec<u8>)> {
+            let role = match side {
+                Side::Client => Role::Client,
+                Side::Backend => Role::Server,
+            };
+            let bytes = std::mem::take(&mut self.wire[ix(side)]);
+            frames(&bytes, role)
+        }
+    }
+
+    /// Decodes whole frames (panics on a partial or bad one): (opcode, unmasked payload).
+    pub(crate) fn frames(mut bytes: &[u8], role: Role) -> Vec<(OpCode, Vec<u8>)> {
+        let mut found = Vec::new();
+        while !bytes.is_empty() {
+            let Ok(Decoded::Header { header, len }) = FrameHeader::decode(bytes, role, 0b100)
+            else {
+                panic!("bad or partial frame in {bytes:?}")
+            };
+            let end = len + header.payload_len as usize;
+            let mut payload = bytes[len..end].to_vec();
+            if let Some(key) = header.mask {
+                codec::mask::apply_mask(&mut payload, key);
+            }
+            found.push((header.opcode, payload));
+            bytes = &bytes[end..];
+        }
+        found
+    }
+
+    /// A frame as a client sends it (masked).
+    pub(crate) fn client_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, true, opcode, Some([1, 2, 3, 4]), payload);
+        out
+    }
+
+    /// A frame as a server sends it.
+    pub(crate) fn server_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, true, opcode, None, payload);
+        out
+    }
+
+    /// A close payload: the code, then the reason.
+    pub(crate) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+        let mut out = code.to_be_bytes().to_vec();
+        out.extend_from_slice(reason.as_bytes());
+        out
+    }
+
+    /// The code of a close payload.
+    pub(crate) fn code_of(payload: &[u8]) -> u16 {
+        u16::from_be_bytes([payload[0], payload[1]])
+    }
+
+    /// A core context over the minimal (echo) configuration.
+    pub(crate) fn ctx() -> CoreCtx {
+        let config = crate::config::Config::from_toml(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"echo\"\n",
+        )
+        .expect("the minimal configuration is valid");
+        let shared = crate::reload::Shared::new(config, None, 1);
+        CoreCtx {
+            metrics: shared.metrics.core(0),
+            shared,
+            cursor: std::cell::Cell::new(0),
+            draining: std::cell::Cell::new(None),
+        }
+    }
+
+    /// Settings for tests: 1 s close timeout, 2 s write timeout, no keepalive, 4 KiB buffers.
+    pub(crate) fn settings() -> Settings {
+        Settings {
+            close_timeout: Duration::from_secs(1),
+            keepalive: Keepalive::default(),
+            write_timeout: WriteTimeout::new(Duration::from_secs(2)),
+            buffer: 4096,
+            limits: codec::Limits::new(1 << 20, 1 << 20),
+            deflate: false,
+        }
+    }
+
+    /// An upgraded connection as the upgrade hands it over, admitted in `ctx`.
+    pub(crate) fn upgraded(
+        ctx: &CoreCtx,
+        phase: Phase,
+        settings: Settings,
+        client_input: Vec<u8>,
+        backend_input: Vec<u8>,
+    ) -> Box<Upgraded> {
+        let client: SocketAddr = "127.0.0.1:40000".parse().expect("an address");
+        let admitted = ctx
+            .shared
+            .admission
+            .admit(client.ip(), 100, 100)
+            .expect("room for a test connection");
+        let active =
+            (phase == Phase::Relay).then(|| crate::balance::PoolState::new(1).connected(0));
+        Box::new(Upgraded {
+            phase,
+            client_input,
+            backend_input,
+            settings,
+            log: LogLine {
+                client,
+                path: String::from("/"),
+                route: String::from("/"),
+                backend: String::from("test"),
+                started: Instant::now(),
+            },
+            admitted,
+            active,
+        })
+    }
+
+    /// Connections `ctx` holds admitted.
+    pub(crate) fn admitted(ctx: &CoreCtx) -> usize {
+        ctx.shared.admission.total()
+    }
+}
