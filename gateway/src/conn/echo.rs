@@ -93,9 +93,8 @@ pub(crate) struct Echo {
 }
 
 /// The settings, present until the machine ends.
-fn settings(up: &Option<Box<Upgraded>>) -> &Settings {
-    &up.as_ref()
-        .expect("an echo is only driven until it reports Done")
+fn settings(up: Option<&Upgraded>) -> &Settings {
+    &up.expect("an echo is only driven until it reports Done")
         .settings
 }
 
@@ -132,7 +131,7 @@ impl Echo {
             return Status::Done;
         }
         let now = io.now();
-        let limit = settings(&self.up).buffer;
+        let limit = settings(self.up.as_deref()).buffer;
         match event {
             Event::Received { buf, result, .. } => {
                 let more = self.pump.on_read(&mut self.leg, buf, &result, limit, now);
@@ -150,7 +149,7 @@ impl Echo {
                 }
             }
             Event::Sent { buf, result, .. } => match self.leg.sending() {
-                Sending::Control => self.leg.ctl_sent(io, buf, result, &ctx.metrics, now),
+                Sending::Control => self.leg.ctl_sent(io, buf, &result, &ctx.metrics, now),
                 Sending::Data => match self.pump.on_write(&mut self.leg, buf, &result, io, now) {
                     Flushed::More => {}
                     Flushed::Done => {
@@ -200,7 +199,7 @@ impl Echo {
     fn step_echo(&mut self, ctx: &CoreCtx, io: &mut dyn Io, now: Instant) -> bool {
         match &self.stage {
             Stage::Process => {
-                let limit = settings(&self.up).buffer;
+                let limit = settings(self.up.as_deref()).buffer;
                 let (step, flush) = self.pump.process(limit, &ctx.metrics, &BOTH_WAYS);
                 if flush {
                     self.stage = Stage::Flushing(step);
@@ -242,7 +241,7 @@ impl Echo {
                     // We failed the connection: FIN after our close, then give the client a
                     // bounded moment to answer and close its side before the socket goes.
                     self.leg.shutdown(io, Shutdown::Write);
-                    Stage::Draining(now + settings(&self.up).close_timeout)
+                    Stage::Draining(now + settings(self.up.as_deref()).close_timeout)
                 } else {
                     Stage::Done
                 };
@@ -319,7 +318,7 @@ impl Echo {
     fn step_watch(&mut self, io: &mut dyn Io, now: Instant) -> bool {
         match self.watch {
             Watch::Closing if self.leg.settled() => {
-                self.watch = Watch::Waiting(now + settings(&self.up).close_timeout);
+                self.watch = Watch::Waiting(now + settings(self.up.as_deref()).close_timeout);
             }
             Watch::Waiting(at) if now >= at => {
                 self.leg.shutdown(io, Shutdown::Both);
@@ -337,7 +336,7 @@ impl Echo {
     /// (the close timeout is the watchdog's, in [`Self::step_watch`]).
     fn on_timer(&mut self, io: &mut dyn Io, now: Instant) {
         self.timer = None;
-        let s = *settings(&self.up);
+        let s = *settings(self.up.as_deref());
         let mut aborted = false;
         if matches!(self.watch, Watch::Open | Watch::Closing)
             && self.leg.stalled(now, s.write_timeout)
@@ -365,7 +364,7 @@ impl Echo {
 
     /// Asks for the next deadline, unless an earlier request stands.
     fn arm(&mut self, io: &mut dyn Io, now: Instant) {
-        let s = settings(&self.up);
+        let s = settings(self.up.as_deref());
         let mut next = None;
         if matches!(self.watch, Watch::Open | Watch::Closing) {
             next = self.leg.write_check(now, s.write_timeout);
@@ -392,7 +391,7 @@ impl Echo {
             return;
         }
         if self.leg.close_decided() {
-            self.watch = Watch::Waiting(now + settings(&self.up).close_timeout);
+            self.watch = Watch::Waiting(now + settings(self.up.as_deref()).close_timeout);
             return;
         }
         self.gateway_closed = Some(GatewayClosed {
@@ -429,5 +428,145 @@ impl Echo {
     #[cfg(test)]
     pub(crate) fn outcome(&self) -> Outcome {
         self.outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use codec::frame::OpCode;
+
+    use super::super::Phase;
+    use super::super::leg::testio::{
+        FakeIo, admitted, client_frame, close_payload, code_of, ctx, settings, upgraded,
+    };
+    use super::*;
+
+    /// Starts an echo with `input` already received.
+    fn start(input: Vec<u8>) -> (CoreCtx, FakeIo, Echo, Status) {
+        let ctx = ctx();
+        let mut io = FakeIo::default();
+        let up = upgraded(&ctx, Phase::Echo, settings(), input, Vec::new());
+        let (echo, status) = Echo::start(up, &ctx, &mut io);
+        (ctx, io, echo, status)
+    }
+
+    /// Delivers an event; Done must come with nothing in flight and admission released.
+    fn ev(echo: &mut Echo, event: Event, ctx: &CoreCtx, io: &mut FakeIo) -> Status {
+        let status = echo.on_event(event, ctx, io);
+        if status == Status::Done {
+            assert_eq!(io.in_flight(), 0, "Done with operations in flight");
+            assert_eq!(admitted(ctx), 0, "Done without releasing admission");
+        }
+        status
+    }
+
+    #[test]
+    fn echoes_a_message_answers_a_ping_and_echoes_the_close() {
+        let mut input = client_frame(OpCode::Text, b"hello");
+        input.extend(client_frame(OpCode::Ping, b"p"));
+        let (ctx, mut io, mut echo, status) = start(input);
+        assert_eq!(status, Status::Running);
+        let event = io.write(Side::Client, 3);
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Running);
+        let event = io.write(Side::Client, usize::MAX);
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Running);
+        assert_eq!(
+            io.take_frames(Side::Client),
+            [
+                (OpCode::Text, b"hello".to_vec()),
+                (OpCode::Pong, b"p".to_vec())
+            ]
+        );
+        let bye = close_payload(1000, "bye");
+        let frame = client_frame(OpCode::Close, &bye);
+        let (event, n) = io.read(Side::Client, &frame[..4]);
+        assert_eq!(n, 4);
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Running);
+        let (event, _) = io.read(Side::Client, &frame[4..]);
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Running);
+        let event = io.write(Side::Client, usize::MAX);
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Done);
+        assert_eq!(io.take_frames(Side::Client), [(OpCode::Close, bye)]);
+        assert!(io.read_shut(Side::Client), "the gateway closes TCP at once");
+        let o = echo.outcome();
+        assert_eq!(o.close_code, Some(CloseCode::NORMAL));
+        assert_eq!(
+            (o.closed_by, o.bytes_in, o.bytes_out),
+            (Some("client"), 5, 5)
+        );
+    }
+
+    #[test]
+    fn a_violation_gets_a_close_a_fin_and_a_bounded_wait() {
+        let (ctx, mut io, mut echo, _) = start(Vec::new());
+        let mut unmasked = Vec::new();
+        codec::frame::write_frame(&mut unmasked, true, OpCode::Text, None, b"x");
+        let (event, _) = io.read(Side::Client, &unmasked);
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Running);
+        let event = io.write(Side::Client, usize::MAX);
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Running);
+        let frames = io.take_frames(Side::Client);
+        assert_eq!(code_of(&frames[0].1), 1002);
+        assert!(io.write_shut(Side::Client) && !io.read_shut(Side::Client));
+        // The client never closes: the close timeout ends the wait.
+        let timer = io.advance(Duration::from_millis(1_001));
+        assert!(matches!(timer, Some(Event::Timer)));
+        let timer = timer.expect("checked");
+        assert_eq!(ev(&mut echo, timer, &ctx, &mut io), Status::Running);
+        let owed = io.owed().expect("the shut socket ends the read");
+        assert_eq!(ev(&mut echo, owed, &ctx, &mut io), Status::Done);
+        assert_eq!(echo.outcome().close_code, Some(CloseCode::PROTOCOL_ERROR));
+    }
+
+    #[test]
+    fn drain_closes_the_client_and_its_reply_completes_the_handshake() {
+        let (ctx, mut io, mut echo, _) = start(Vec::new());
+        let status = ev(
+            &mut echo,
+            Event::Drain(CloseCode::GOING_AWAY),
+            &ctx,
+            &mut io,
+        );
+        assert_eq!(status, Status::Running);
+        let event = io.write(Side::Client, usize::MAX);
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Running);
+        assert_eq!(
+            io.take_frames(Side::Client),
+            [(OpCode::Close, close_payload(1001, "gateway shutting down"))]
+        );
+        let (event, _) = io.read(Side::Client, &client_frame(OpCode::Close, &[3, 0xe9]));
+        assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Done);
+        assert!(io.take_frames(Side::Client).is_empty(), "no second close");
+        let o = echo.outcome();
+        assert_eq!(
+            (o.close_code, o.closed_by),
+            (Some(CloseCode::GOING_AWAY), Some("gateway"))
+        );
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_given_up_on() {
+        let (ctx, mut io, mut echo, _) = start(client_frame(OpCode::Binary, b"never read"));
+        assert!(io.sends[0].is_some());
+        let mut status = Status::Running;
+        for _ in 0..300 {
+            if let Some(timer) = io.advance(Duration::from_millis(10)) {
+                status = ev(&mut echo, timer, &ctx, &mut io);
+            }
+            if io.read_shut(Side::Client) {
+                break;
+            }
+        }
+        assert_eq!(status, Status::Running);
+        assert!(io.read_shut(Side::Client));
+        let owed = io.owed().expect("the write fails once shut");
+        assert_eq!(ev(&mut echo, owed, &ctx, &mut io), Status::Done);
+        let o = echo.outcome();
+        assert_eq!(
+            (o.close_code, o.reason),
+            (None, Some("client stopped reading"))
+        );
     }
 }
