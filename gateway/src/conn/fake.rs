@@ -68,12 +68,14 @@ pub(crate) struct Peer {
     pub(crate) shut_write: bool,
     /// Where the peer's frames start in `inbox` once the handshake part is parsed.
     pub(crate) frames_from: Option<usize>,
-    /// Data payload bytes the peer sent, in order (what the other side should receive).
+    /// Data payload bytes the peer put on the wire, in order (what the other side should
+    /// receive).
     pub(crate) sent_data: Vec<u8>,
     /// The peer sent a close frame (with this code, if any).
     pub(crate) sent_close: Option<Option<u16>>,
     /// Frames still to send.
-    pub(crate) script: VecDeque<Vec<u8>>,
+    /// Each frame with the data payload it carries (counted in `sent_data` once spoken).
+    pub(crate) script: VecDeque<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Decoded frames of a byte stream: (opcode, fin, unmasked payload), and whether the stream
@@ -514,7 +516,7 @@ impl World {
         if !ready || peer.fin || peer.reset || peer.sent_close.is_some() {
             return false;
         }
-        let Some(frame) = peer.script.pop_front() else {
+        let Some((frame, data)) = peer.script.pop_front() else {
             return false;
         };
         if frame.first().is_some_and(|b| b & 0x0F == 0x8) {
@@ -522,6 +524,7 @@ impl World {
             peer.sent_close = Some(Some(4000));
         }
         peer.outbox.extend(frame);
+        peer.sent_data.extend_from_slice(&data);
         true
     }
 }
