@@ -12,7 +12,9 @@ use codec::frame::{Decoded, FrameHeader, MAX_HEADER_LEN, OpCode, Role};
 use codec::message::{Limits, MessageValidator, PayloadKind};
 use codec::{ProtocolError, mask};
 
-use crate::leg::KEEPALIVE_PAYLOAD;
+/// The payload of the gateway's own keepalive pings; a pong carrying it answers the gateway,
+/// so it is absorbed rather than relayed.
+pub(crate) const KEEPALIVE_PAYLOAD: &[u8] = b"wsgate-keepalive";
 
 /// A validated control-frame payload (a close frame's code and reason, or ping data).
 #[derive(Clone, Copy, Debug)]

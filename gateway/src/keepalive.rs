@@ -3,7 +3,6 @@
 //! timestamps, so the policy is testable without sockets.
 #![forbid(unsafe_code)]
 
-use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 /// The keepalive settings of a connection (zero durations switch a feature off).
@@ -96,10 +95,9 @@ impl WriteTimeout {
         self.0 != 0
     }
 
-    /// Whether a write that last moved bytes at `stamp` (a [`clock_ms`] reading) has been
-    /// stuck for the timeout at `now`.
-    pub(crate) fn expired(self, now: u32, stamp: u32) -> bool {
-        self.enabled() && now.wrapping_sub(stamp) >= self.0
+    /// Whether a write that has moved no bytes for `stalled` has been stuck for the timeout.
+    pub(crate) fn expired(self, stalled: Duration) -> bool {
+        self.enabled() && stalled.as_millis() >= u128::from(self.0)
     }
 
     /// How often a watchdog checks pending writes: a quarter of the timeout (at least 10 ms),
@@ -107,29 +105,6 @@ impl WriteTimeout {
     pub(crate) fn tick(self) -> Duration {
         (Duration::from_millis(u64::from(self.0)) / 4).max(Duration::from_millis(10))
     }
-}
-
-/// The watchdog's tick period: the keepalive's, or the write timeout's while a write is
-/// pending (`writing`), whichever is shorter; `None` when no timer is needed.
-pub(crate) fn tick_period(
-    keepalive: &Keepalive,
-    write: WriteTimeout,
-    writing: bool,
-) -> Option<Duration> {
-    let keep = keepalive.enabled().then(|| keepalive.tick());
-    let write = (writing && write.enabled()).then(|| write.tick());
-    match (keep, write) {
-        (Some(k), Some(w)) => Some(k.min(w)),
-        (k, w) => k.or(w),
-    }
-}
-
-/// Milliseconds since the process first asked, in 32 bits: a write's "last moved bytes" stamp
-/// fits in a leg's padding this way. It wraps after 49 days; only differences far shorter
-/// than that (a write timeout) are ever taken, with wrapping arithmetic.
-pub(crate) fn clock_ms() -> u32 {
-    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-    EPOCH.elapsed().as_millis() as u32
 }
 
 #[cfg(test)]
@@ -182,33 +157,13 @@ mod tests {
     }
 
     #[test]
-    fn write_timeout_counts_from_the_last_progress_and_wraps() {
+    fn write_timeout_counts_from_the_last_progress() {
         let wt = WriteTimeout::new(Duration::from_secs(2));
-        assert!(!wt.expired(1_999, 0) && wt.expired(2_000, 0));
-        // Stamps wrap after 49 days; the difference still comes out right.
-        assert!(!wt.expired(500, u32::MAX - 1_000) && wt.expired(1_000, u32::MAX - 1_000));
+        let ms = Duration::from_millis;
+        assert!(!wt.expired(ms(1_999)) && wt.expired(ms(2_000)) && wt.expired(Duration::MAX));
         let never = WriteTimeout::new(Duration::ZERO);
-        assert!(!never.enabled() && !never.expired(u32::MAX, 0));
+        assert!(!never.enabled() && !never.expired(Duration::MAX));
         assert_eq!(WriteTimeout::new(Duration::MAX), WriteTimeout(u32::MAX));
         assert_eq!(wt.tick(), Duration::from_millis(500));
-    }
-
-    #[test]
-    fn the_tick_runs_only_when_something_needs_it() {
-        let wt = WriteTimeout::new(Duration::from_secs(30));
-        let off = Keepalive::default();
-        assert_eq!(tick_period(&off, wt, false), None);
-        assert_eq!(
-            tick_period(&off, wt, true),
-            Some(Duration::from_millis(7500))
-        );
-        assert_eq!(tick_period(&off, WriteTimeout::default(), true), None);
-        let pings = Keepalive {
-            ping_interval: 4 * S,
-            pong_timeout: 2 * S,
-            idle: Duration::ZERO,
-        };
-        assert_eq!(tick_period(&pings, wt, false), Some(S / 2));
-        assert_eq!(tick_period(&pings, WriteTimeout::new(S), true), Some(S / 4));
     }
 }

@@ -10,23 +10,16 @@ mod balance;
 mod cli;
 mod config;
 mod conn;
-mod connection;
-mod drain;
 mod driver;
-mod echo;
 mod forward;
 mod health;
 mod keepalive;
-mod leg;
 mod lifecycle;
 mod metrics;
 mod policy;
-mod relay;
 mod reload;
 mod signals;
 mod upstream;
-mod uring;
-mod worker;
 
 /// Entry points for the fuzz targets in `fuzz/` (not an API).
 #[doc(hidden)]
@@ -205,7 +198,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
         backends = %backends.join(","),
         upstreams = %upstreams.join(","),
         admin = %admin,
-        nofile_limit = worker::nofile_limit(),
+        nofile_limit = driver::event_loop::nofile_limit(),
         io_backend = setup.0,
         io_setup = setup.1,
         "gateway listening"
@@ -287,18 +280,19 @@ fn serve_core(
     args: driver::event_loop::LoopArgs,
     setup: &std::sync::mpsc::Sender<Result<(&'static str, &'static str), String>>,
 ) {
+    use driver::Backend as _;
     use driver::event_loop::EventLoop;
     match backend {
         Chosen::Uring => match driver::uring::Uring::new(RING_ENTRIES) {
             Ok(ring) => {
-                drop(setup.send(Ok(("io_uring", ring.setup()))));
+                drop(setup.send(Ok((ring.name(), ring.setup()))));
                 EventLoop::new(ring, args).run();
             }
             Err(e) => drop(setup.send(Err(format!("cannot set up io_uring: {e}")))),
         },
         Chosen::Epoll => match driver::epoll::Epoll::new() {
             Ok(epoll) => {
-                drop(setup.send(Ok(("epoll", "edge-triggered"))));
+                drop(setup.send(Ok((epoll.name(), "edge-triggered"))));
                 EventLoop::new(epoll, args).run();
             }
             Err(e) => drop(setup.send(Err(format!("cannot set up epoll: {e}")))),
@@ -314,13 +308,13 @@ fn bind(
 ) -> Result<Vec<Vec<std::net::TcpListener>>, String> {
     let mut per_core: Vec<Vec<std::net::TcpListener>> = (0..cores).map(|_| Vec::new()).collect();
     for &addr in addrs {
-        let first = uring::bind_reuseport(addr, BACKLOG)
+        let first = driver::bind_reuseport(addr, BACKLOG)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let resolved = first.local_addr().map_err(|e| e.to_string())?;
         per_core[0].push(first);
         for listeners in &mut per_core[1..] {
             listeners.push(
-                uring::bind_reuseport(resolved, BACKLOG)
+                driver::bind_reuseport(resolved, BACKLOG)
                     .map_err(|e| format!("cannot listen on {resolved}: {e}"))?,
             );
         }

@@ -6,10 +6,19 @@
 
 use codec::{CloseCode, ProtocolError};
 
-use crate::drain::Drain;
 use crate::forward::ControlPayload;
 use crate::lifecycle::Side;
 use crate::upstream::LocalError;
+
+/// The close reason sent with a drain's `code`: 1012 says the gateway restarts (clients may
+/// reconnect at once), anything else that it shuts down.
+pub(crate) fn drain_reason(code: CloseCode) -> &'static str {
+    if code == CloseCode::SERVICE_RESTART {
+        "gateway restarting"
+    } else {
+        "gateway shutting down"
+    }
+}
 
 /// Why an upgrade request is answered with something other than `101`.
 #[derive(Clone, Copy, Debug)]
@@ -96,9 +105,8 @@ impl GatewayClose {
     pub(crate) fn to(self, side: Side) -> Option<ControlPayload> {
         let close = |code, reason| Some(ControlPayload::close(code, reason));
         match (self, side) {
-            (Self::ClientViolation(e), Side::Client) | (Self::BackendViolation(e), Side::Backend) => {
-                close(e.close_code(), e.as_str())
-            }
+            (Self::ClientViolation(e), Side::Client)
+            | (Self::BackendViolation(e), Side::Backend) => close(e.close_code(), e.as_str()),
             (Self::ClientViolation(_), Side::Backend) => {
                 close(CloseCode::GOING_AWAY, "client protocol error")
             }
@@ -116,10 +124,9 @@ impl GatewayClose {
                 close(CloseCode::GOING_AWAY, "ping timeout")
             }
             (Self::Idle, _) => close(CloseCode::GOING_AWAY, "idle timeout"),
-            (Self::Drain(code), _) => close(code, Drain::reason(code)),
-            (Self::CloseTimeout(waiting), side) => {
-                (waiting == side).then(|| ControlPayload::close(CloseCode::BAD_GATEWAY, "close timeout"))
-            }
+            (Self::Drain(code), _) => close(code, drain_reason(code)),
+            (Self::CloseTimeout(waiting), side) => (waiting == side)
+                .then(|| ControlPayload::close(CloseCode::BAD_GATEWAY, "close timeout")),
         }
     }
 
@@ -147,7 +154,7 @@ impl GatewayClose {
             Self::ClientDead => "client stopped answering",
             Self::BackendDead => "backend stopped answering",
             Self::Idle => "idle timeout",
-            Self::Drain(code) => Drain::reason(code),
+            Self::Drain(code) => drain_reason(code),
             Self::CloseTimeout(_) => "close timeout",
         }
     }
@@ -175,12 +182,20 @@ mod tests {
             (GatewayClose::ClientDead, Some(1001), Some(1001)),
             (GatewayClose::BackendDead, Some(1011), Some(1001)),
             (GatewayClose::Idle, Some(1001), Some(1001)),
-            (GatewayClose::Drain(CloseCode::SERVICE_RESTART), Some(1012), Some(1012)),
+            (
+                GatewayClose::Drain(CloseCode::SERVICE_RESTART),
+                Some(1012),
+                Some(1012),
+            ),
             (GatewayClose::CloseTimeout(Side::Client), Some(1014), None),
         ];
         for (why, client, backend) in rows {
             assert_eq!(code(why.to(Side::Client)), client, "{why:?} to the client");
-            assert_eq!(code(why.to(Side::Backend)), backend, "{why:?} to the backend");
+            assert_eq!(
+                code(why.to(Side::Backend)),
+                backend,
+                "{why:?} to the backend"
+            );
             let wire = [client, backend].into_iter().flatten().collect::<Vec<_>>();
             for c in wire {
                 assert!(CloseCode::new(c).is_sendable(), "{why:?}: {c}");
@@ -197,7 +212,10 @@ mod tests {
         let over = Refusal::OverLimit(crate::admission::Refusal::PerIp);
         assert_eq!(over.status().0, 429);
         let text = String::from_utf8(over.response()).unwrap();
-        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{text}"
+        );
         assert!(text.contains("Retry-After: 1\r\n"), "{text}");
         let text = String::from_utf8(Refusal::NoRoute.response()).unwrap();
         assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");

@@ -1,38 +1,21 @@
-//! Choosing a backend, connecting to it and upgrading the upstream leg.
+//! The upstream leg's request and its failures: the headers a backend receives, which
+//! failures count against a backend (passive ejection) and which are the gateway's own.
 #![forbid(unsafe_code)]
 
-use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use codec::handshake::{
-    ClientHandshake, HandshakeError, HeadLimits, ServerResponse, UpgradeRequest,
-};
+use codec::handshake::{ClientHandshake, HandshakeError, UpgradeRequest};
 
-use crate::balance::{ActiveGuard, Failure, HashInput, hash_input};
-use crate::config::{BackendUrl, Balance, Pool};
+use crate::balance::Failure;
+use crate::config::{BackendUrl, Pool};
 use crate::reload::PoolRuntime;
-use crate::uring::Stream;
 
 /// Client headers passed to the backend unchanged (the WebSocket ones travel separately).
 const FORWARDED_HEADERS: [&str; 4] = ["Origin", "Cookie", "Authorization", "User-Agent"];
 
 /// Largest non-101 answer (head and body) passed from a backend to the client.
 pub(crate) const MAX_REJECTION: usize = 64 * 1024;
-
-/// A backend that accepted the upgrade.
-pub(crate) struct Upgraded {
-    pub(crate) stream: Stream,
-    /// Bytes after the backend's 101 (frames it sent at once).
-    pub(crate) leftover: Vec<u8>,
-    pub(crate) protocol: Option<String>,
-    pub(crate) extensions: Option<String>,
-    /// Which backend (index into the pool).
-    pub(crate) backend: usize,
-    /// Counts this connection toward the backend's load while it lives.
-    pub(crate) active: ActiveGuard,
-}
 
 /// A backend connect that failed for want of the gateway's own resources: not the backend's
 /// fault, so it neither counts toward ejecting the backend nor is worth trying on another.
@@ -140,10 +123,7 @@ impl UpstreamError {
 }
 
 /// The headers the backend receives besides the WebSocket ones.
-pub(crate) fn upstream_headers(
-    req: &UpgradeRequest,
-    client: SocketAddr,
-) -> Vec<(&'static str, Vec<u8>)> {
+fn upstream_headers(req: &UpgradeRequest, client: SocketAddr) -> Vec<(&'static str, Vec<u8>)> {
     let mut headers: Vec<(&'static str, Vec<u8>)> = FORWARDED_HEADERS
         .iter()
         .filter_map(|&name| req.header(name).map(|v| (name, v.to_vec())))
@@ -190,125 +170,6 @@ fn forwarded_value(out: &mut String, value: &str) {
     out.push('"');
 }
 
-/// What a connection needs to reach one pool.
-pub(crate) struct Target<'a> {
-    pub(crate) pool: &'a Pool,
-    pub(crate) runtime: &'a PoolRuntime,
-    /// This core's round-robin cursor.
-    pub(crate) cursor: &'a Cell<usize>,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) head_limits: &'a HeadLimits,
-}
-
-/// Connects to the first backend that answers, in the pool's balancing order, and upgrades.
-/// Connect failures try the next backend; every failure counts toward passive ejection,
-/// except a [`LocalError`], which ends the attempt at once (the next backend would need the
-/// same descriptor, memory or port) and leaves the backend's record alone.
-pub(crate) async fn open(
-    target: &Target<'_>,
-    req: &UpgradeRequest,
-    client: SocketAddr,
-) -> Result<Upgraded, UpstreamError> {
-    let Target {
-        pool,
-        runtime,
-        cursor,
-        connect_timeout,
-        head_limits,
-    } = *target;
-    let key = match &pool.balance {
-        Balance::Hash(key) => hash_input(key, client.ip(), req),
-        Balance::RoundRobin | Balance::LeastConnections => HashInput {
-            client_ip: client.ip(),
-            header: None,
-        },
-    };
-    for index in runtime.state.candidates(pool, &key, cursor) {
-        let backend = &pool.backends[index];
-        // Counted from the attempt's start, so least-connections sees handshakes in flight
-        // and a burst of clients does not all pick the same idle backend.
-        let active = runtime.state.connected(index);
-        let stream = match Stream::connect(backend.addr, connect_timeout).await {
-            Ok(stream) => stream,
-            Err(error) => {
-                drop(active);
-                if let Some(why) = LocalError::of(&error) {
-                    tracing::warn!(
-                        upstream = pool.name,
-                        backend = %backend,
-                        why = &*error.to_string(),
-                        "local connect failure, not held against the backend"
-                    );
-                    return Err(UpstreamError::Local {
-                        backend: index,
-                        why,
-                        error,
-                    });
-                }
-                runtime.stats[index].connect_failure();
-                backend_failed(pool, runtime, index, "connect", &error.to_string());
-                continue;
-            }
-        };
-        drop(stream.set_nodelay());
-        let upgrade = handshake(&stream, backend, req, client, head_limits);
-        let result = tokio::time::timeout(connect_timeout, upgrade).await;
-        let failed = match &result {
-            Ok(Ok((ServerResponse::Upgraded { .. }, _))) => None,
-            // A 4xx is the application's answer; a 5xx, a bad 101 or silence is the
-            // backend failing.
-            Ok(Ok((ServerResponse::Rejected { status }, _))) => {
-                (*status >= 500).then(|| format!("answered {status}"))
-            }
-            Ok(Err(Some(e))) => Some(e.as_str().to_owned()),
-            Ok(Err(None)) => Some("connection lost during the upgrade".to_owned()),
-            Err(_) => Some("upgrade timed out".to_owned()),
-        };
-        if let Some(why) = failed {
-            backend_failed(pool, runtime, index, "upgrade", &why);
-        } else {
-            runtime.state.record_success(index);
-        }
-        return match result {
-            Ok(Ok((
-                ServerResponse::Upgraded {
-                    protocol,
-                    extensions,
-                },
-                leftover,
-            ))) => Ok(Upgraded {
-                stream,
-                leftover,
-                protocol,
-                extensions,
-                backend: index,
-                active,
-            }),
-            Ok(Ok((ServerResponse::Rejected { status }, mut response))) => {
-                // Pass the backend's own answer on, with as much body as it sends promptly.
-                let body = async {
-                    while response.len() < MAX_REJECTION {
-                        match stream.read_more(&mut response, 4096).await {
-                            Ok(1..) => {}
-                            _ => break,
-                        }
-                    }
-                };
-                drop(tokio::time::timeout(Duration::from_millis(200), body).await);
-                response.truncate(MAX_REJECTION);
-                Err(UpstreamError::Rejected {
-                    backend: index,
-                    status,
-                    response,
-                })
-            }
-            Ok(Err(Some(e))) => Err(UpstreamError::BadHandshake(index, e)),
-            Ok(Err(None)) | Err(_) => Err(UpstreamError::HandshakeFailed(index)),
-        };
-    }
-    Err(UpstreamError::Unreachable)
-}
-
 /// Counts a failure of backend `index` during `stage` (`connect` or `upgrade`) toward its
 /// ejection and logs it with `why`; when it ejects the backend, says so on a line of its own,
 /// with the last error, the failures in a row and the cool-down.
@@ -339,20 +200,19 @@ pub(crate) fn backend_failed(
     }
 }
 
-/// Sends the upstream request and reads the answer. For a 101 the returned bytes are those
-/// after the head; for a rejection, the whole answer so far.
-async fn handshake(
-    stream: &Stream,
+/// The upgrade request for `backend` on behalf of `req`'s client, and the client side of the
+/// handshake that checks the backend's answer.
+pub(crate) fn request(
     backend: &BackendUrl,
     req: &UpgradeRequest,
     client: SocketAddr,
-    head_limits: &HeadLimits,
-) -> Result<(ServerResponse, Vec<u8>), Option<HandshakeError>> {
+    capacity: usize,
+) -> (ClientHandshake, Vec<u8>) {
     let mut hs = ClientHandshake::new();
     let headers = upstream_headers(req, client);
     let extra: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
     let path = format!("{}{}", backend.path_prefix, req.path);
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = Vec::with_capacity(capacity);
     hs.write_request(
         &mut buf,
         &backend.authority,
@@ -361,24 +221,7 @@ async fn handshake(
         req.extensions.as_deref(),
         &extra,
     );
-    stream.write_all(&mut buf).await.map_err(|_| None)?;
-    loop {
-        match stream.read_more(&mut buf, 1024).await {
-            Ok(1..) => {}
-            _ => return Err(None),
-        }
-        match hs.parse_response(&buf, head_limits) {
-            Ok(None) => {}
-            Ok(Some((response @ ServerResponse::Upgraded { .. }, head))) => {
-                buf.drain(..head);
-                return Ok((response, buf));
-            }
-            Ok(Some((response @ ServerResponse::Rejected { .. }, _))) => {
-                return Ok((response, buf));
-            }
-            Err(e) => return Err(Some(e)),
-        }
-    }
+    (hs, buf)
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@ use super::leg::{
     Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
 };
 use super::{CoreCtx, Event, Io, Outcome, Settings, Status, Upgraded};
-use crate::drain::Drain;
-use crate::forward::{ControlPayload, Forwarder, Mode, Step};
+use crate::forward::{Forwarder, Mode, Step};
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, Direction};
+use crate::policy::GatewayClose;
 
 /// Each frame is counted both ways: in from the client, and echoed back.
 const BOTH_WAYS: [Direction; 2] = [Direction::ClientToBackend, Direction::BackendToClient];
@@ -119,7 +119,7 @@ impl Echo {
         };
         let mut status = echo.drive(ctx, io);
         if let Some(code) = ctx.draining.get() {
-            echo.gateway_close(code, Drain::reason(code), now);
+            echo.gateway_close(GatewayClose::Drain(code), now);
             status = echo.drive(ctx, io);
         }
         (echo, status)
@@ -164,7 +164,7 @@ impl Echo {
                 Sending::Idle => unreachable!("a write came back that was not in flight"),
             },
             Event::Timer => self.on_timer(io, now),
-            Event::Drain(code) => self.gateway_close(code, Drain::reason(code), now),
+            Event::Drain(code) => self.gateway_close(GatewayClose::Drain(code), now),
             // The echo connects nowhere.
             Event::Connected(_) => {}
         }
@@ -304,8 +304,9 @@ impl Echo {
                 self.outcome.close_code = Some(e.close_code());
                 self.outcome.closed_by = Some("gateway");
                 self.outcome.reason = Some(e.as_str());
-                let close = ControlPayload::close(e.close_code(), e.as_str());
-                self.leg.queue_close(Box::new(close));
+                let close = GatewayClose::ClientViolation(e).to(Side::Client);
+                self.leg
+                    .queue_close(Box::new(close.expect("a violator gets its close")));
                 self.stage = Stage::Replying {
                     since: None,
                     violation: true,
@@ -348,10 +349,8 @@ impl Echo {
         if self.watch == Watch::Open && !aborted {
             match keepalive_check(std::slice::from_mut(&mut self.leg), &s.keepalive, io, now) {
                 None => {}
-                Some(Alarm::Idle) => self.gateway_close(CloseCode::GOING_AWAY, "idle timeout", now),
-                Some(Alarm::Dead(_)) => {
-                    self.gateway_close(CloseCode::GOING_AWAY, "ping timeout", now);
-                }
+                Some(Alarm::Idle) => self.gateway_close(GatewayClose::Idle, now),
+                Some(Alarm::Dead(_)) => self.gateway_close(GatewayClose::ClientDead, now),
             }
         }
         if let Stage::Draining(until) = self.stage
@@ -386,7 +385,7 @@ impl Echo {
 
     /// The gateway closes the client on its own (drain, idle, dead client), unless it was
     /// already sent a close; then the close timeout runs.
-    fn gateway_close(&mut self, code: CloseCode, reason: &'static str, now: Instant) {
+    fn gateway_close(&mut self, why: GatewayClose, now: Instant) {
         if self.watch != Watch::Open {
             return;
         }
@@ -394,13 +393,15 @@ impl Echo {
             self.watch = Watch::Waiting(now + settings(self.up.as_deref()).close_timeout);
             return;
         }
+        let close = why
+            .to(Side::Client)
+            .expect("the echo's client gets the gateway's close");
         self.gateway_closed = Some(GatewayClosed {
-            code,
-            reason,
+            code: why.code().unwrap_or(CloseCode::GOING_AWAY),
+            reason: why.reason(),
             since: now,
         });
-        self.leg
-            .queue_close(Box::new(ControlPayload::close(code, reason)));
+        self.leg.queue_close(Box::new(close));
         self.watch = Watch::Closing;
     }
 

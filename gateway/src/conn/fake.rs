@@ -254,6 +254,7 @@ impl World {
     }
 
     /// Moves the clock on; the timer event, if a deadline passed.
+    #[cfg(test)]
     pub(crate) fn advance(&mut self, by: Duration) -> Option<Event> {
         self.now += by;
         self.wake.filter(|&w| w <= self.now).map(|_| {

@@ -14,7 +14,10 @@ pub fn relay(client: &[u8], backend: &[u8], cuts: &[u8], echo: bool) {
     let ctx = core_ctx(echo);
     let mut world = World::new(echo, true);
     world.client.script.push_back((client.to_vec(), Vec::new()));
-    world.backend.script.push_back((backend.to_vec(), Vec::new()));
+    world
+        .backend
+        .script
+        .push_back((backend.to_vec(), Vec::new()));
     world.cuts = cuts.iter().map(|&c| usize::from(c) * 7 + 1).collect();
     let conn = world.start(&ctx);
     if let Err(e) = world.finish(conn, &ctx) {

@@ -15,9 +15,9 @@ use codec::CloseCode;
 use codec::frame::{OpCode, write_frame};
 
 use super::{Io, MIN_READ};
+use crate::forward::KEEPALIVE_PAYLOAD;
 use crate::forward::{ControlPayload, Forwarder, Step};
 use crate::keepalive::{Keepalive, Verdict, WriteTimeout};
-use crate::leg::KEEPALIVE_PAYLOAD;
 use crate::lifecycle::Side;
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 
@@ -220,10 +220,8 @@ impl Leg {
 
     /// Whether the write in flight moved no bytes for the write timeout.
     pub(crate) fn stalled(&self, now: Instant, write: WriteTimeout) -> bool {
-        self.write_since.is_some_and(|since| {
-            let ms = now.saturating_duration_since(since).as_millis();
-            write.expired(u32::try_from(ms).unwrap_or(u32::MAX), 0)
-        })
+        self.write_since
+            .is_some_and(|since| write.expired(now.saturating_duration_since(since)))
     }
 
     /// When to look at the write in flight again: every quarter of the timeout, as the async
@@ -369,7 +367,7 @@ pub(crate) enum Alarm {
     Dead(Side),
 }
 
-/// One keepalive check over a connection's legs (`crate::leg::keepalive_tick`): pings the
+/// One keepalive check over a connection's legs : pings the
 /// legs that are due, and says whether the connection is idle or a leg is dead.
 pub(crate) fn keepalive_check(
     legs: &mut [Leg],

@@ -142,8 +142,16 @@ pub(crate) struct Upgraded {
     /// For the access log line written when the connection ends.
     pub(crate) log: LogLine,
     /// The connection's admission slot, held until it ends.
+    #[expect(
+        dead_code,
+        reason = "a guard: dropping it (with the connection) gives the slot back"
+    )]
     pub(crate) admitted: Admitted,
     /// Counts the connection toward its backend's load until it ends (`None` for the echo).
+    #[expect(
+        dead_code,
+        reason = "a guard: dropping it (with the connection) ends the count"
+    )]
     pub(crate) active: Option<ActiveGuard>,
 }
 

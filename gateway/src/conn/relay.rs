@@ -18,10 +18,10 @@ use super::leg::{
     Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
 };
 use super::{CoreCtx, Event, Io, Outcome, Settings, Status, Upgraded};
-use crate::drain::Drain;
 use crate::forward::{ControlPayload, Forwarder, Mode, Step};
 use crate::lifecycle::{Lifecycle, OnClose, Side};
 use crate::metrics::{CloseDirection, Direction};
+use crate::policy::GatewayClose;
 
 /// Index of a side's leg (and of the pump reading it).
 const fn ix(side: Side) -> usize {
@@ -90,15 +90,6 @@ enum Watch {
     Replying(Side),
     /// Both sockets were shut on the close timeout: nothing more to time.
     Over,
-}
-
-/// Why the gateway closes a connection on its own (besides protocol violations).
-#[derive(Clone, Copy, Debug)]
-enum GatewayClose {
-    /// A drain: both peers get this code.
-    Drain(CloseCode),
-    /// A keepalive check found the connection idle or a peer dead.
-    Keepalive(Alarm),
 }
 
 /// A proxied connection after both upgrades.
@@ -347,9 +338,13 @@ impl Relay {
             }
             Step::Close(payload) => self.on_close(from, payload, ctx, now),
             Step::Violation(e) => {
-                self.record_close(Some(e.close_code()), "gateway", e.as_str());
+                let why = match from {
+                    Side::Client => GatewayClose::ClientViolation(e),
+                    Side::Backend => GatewayClose::BackendViolation(e),
+                };
+                self.record_close(why.code(), "gateway", why.reason());
                 self.set_lifecycle(Lifecycle::Failed, ctx, now);
-                self.fail(from, e.close_code(), e.as_str());
+                self.fail(from, why);
             }
         }
     }
@@ -377,18 +372,16 @@ impl Relay {
         self.stages[ix(from)] = Stage::Ending(End::Close { relayed, finished });
     }
 
-    /// `violator` broke the protocol: it gets `code`; the other peer gets 1001 (a client went
-    /// wrong) or the client gets 1014 (the backend went wrong).
-    fn fail(&mut self, violator: Side, code: CloseCode, reason: &str) {
-        let to_other = match violator {
-            Side::Client => ControlPayload::close(CloseCode::GOING_AWAY, "client protocol error"),
-            Side::Backend => {
-                ControlPayload::close(CloseCode::BAD_GATEWAY, "backend protocol error")
-            }
-        };
+    /// `violator` broke the protocol: both peers get the policy's close frames (the violator
+    /// its error's code; the other 1001 if the client went wrong, the client 1014 if the
+    /// backend did).
+    fn fail(&mut self, violator: Side, why: GatewayClose) {
         let (bad, other) = pair(&mut self.legs, violator);
-        other.queue_close(Box::new(to_other));
-        bad.queue_close(Box::new(ControlPayload::close(code, reason)));
+        for (leg, side) in [(other, violator.other()), (bad, violator)] {
+            if let Some(close) = why.to(side) {
+                leg.queue_close(Box::new(close));
+            }
+        }
         self.stages[ix(violator)] = Stage::Ending(End::Violation);
     }
 
@@ -400,14 +393,16 @@ impl Relay {
         let told = lifecycle.is_open() || other_waits;
         if told {
             self.set_lifecycle(Lifecycle::Failed, ctx, now);
-            let (code, reason) = match (side, self.legs[ix(side)].aborted) {
-                (Side::Client, false) => (CloseCode::GOING_AWAY, "client went away"),
-                (Side::Backend, false) => (CloseCode::BAD_GATEWAY, "backend went away"),
-                (Side::Client, true) => (CloseCode::GOING_AWAY, "client stopped reading"),
-                (Side::Backend, true) => (CloseCode::INTERNAL_ERROR, "backend stopped reading"),
+            let why = match (side, self.legs[ix(side)].aborted) {
+                (Side::Client, false) => GatewayClose::ClientGone,
+                (Side::Backend, false) => GatewayClose::BackendGone,
+                (Side::Client, true) => GatewayClose::ClientStoppedReading,
+                (Side::Backend, true) => GatewayClose::BackendStoppedReading,
             };
-            self.record_close(Some(code), "gateway", reason);
-            self.legs[ix(side.other())].queue_close(Box::new(ControlPayload::close(code, reason)));
+            self.record_close(why.code(), "gateway", why.reason());
+            if let Some(close) = why.to(side.other()) {
+                self.legs[ix(side.other())].queue_close(Box::new(close));
+            }
         }
         self.stages[ix(from)] = Stage::Ending(End::Gone { side, told });
     }
@@ -472,8 +467,9 @@ impl Relay {
                     Lifecycle::Closing(side) if !self.legs[ix(side)].busy() => {
                         // The other peer never answered `side`'s close: answer it ourselves,
                         // so it still sees a clean handshake.
-                        let reply = ControlPayload::close(CloseCode::BAD_GATEWAY, "close timeout");
-                        self.legs[ix(side)].queue_close(Box::new(reply));
+                        if let Some(reply) = GatewayClose::CloseTimeout(side).to(side) {
+                            self.legs[ix(side)].queue_close(Box::new(reply));
+                        }
                         self.watch = Watch::Replying(side);
                     }
                     _ => self.shut_both(io),
@@ -518,7 +514,12 @@ impl Relay {
             && !aborted
             && let Some(alarm) = keepalive_check(&mut self.legs, &s.keepalive, io, now)
         {
-            self.gateway_close(GatewayClose::Keepalive(alarm), ctx, now);
+            let why = match alarm {
+                Alarm::Idle => GatewayClose::Idle,
+                Alarm::Dead(Side::Client) => GatewayClose::ClientDead,
+                Alarm::Dead(Side::Backend) => GatewayClose::BackendDead,
+            };
+            self.gateway_close(why, ctx, now);
         }
     }
 
@@ -550,36 +551,18 @@ impl Relay {
         if !self.lifecycle.is_open() {
             return;
         }
-        let (to_client, to_backend, reason) = match why {
-            GatewayClose::Drain(code) => {
-                let reason = Drain::reason(code);
-                (
-                    ControlPayload::close(code, reason),
-                    ControlPayload::close(code, reason),
-                    reason,
-                )
-            }
-            GatewayClose::Keepalive(Alarm::Dead(Side::Client)) => (
-                ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
-                ControlPayload::close(CloseCode::GOING_AWAY, "client stopped answering"),
-                "client stopped answering",
-            ),
-            GatewayClose::Keepalive(Alarm::Dead(Side::Backend)) => (
-                ControlPayload::close(CloseCode::INTERNAL_ERROR, "backend stopped answering"),
-                ControlPayload::close(CloseCode::GOING_AWAY, "ping timeout"),
-                "backend stopped answering",
-            ),
-            GatewayClose::Keepalive(Alarm::Idle) => (
-                ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout"),
-                ControlPayload::close(CloseCode::GOING_AWAY, "idle timeout"),
-                "idle timeout",
-            ),
-        };
-        self.record_close(to_client.close_code(), "gateway", reason);
+        let close = |side| Box::new(why.to(side).expect("both peers get the gateway's close"));
+        let (to_client, to_backend) = (close(Side::Client), close(Side::Backend));
+        self.record_close(why.code(), "gateway", why.reason());
         self.set_lifecycle(Lifecycle::Failed, ctx, now);
-        self.legs[ix(Side::Client)].queue_close(Box::new(to_client));
-        self.legs[ix(Side::Backend)].queue_close(Box::new(to_backend));
-        if let GatewayClose::Keepalive(Alarm::Dead(side)) = why {
+        self.legs[ix(Side::Client)].queue_close(to_client);
+        self.legs[ix(Side::Backend)].queue_close(to_backend);
+        let dead = match why {
+            GatewayClose::ClientDead => Some(Side::Client),
+            GatewayClose::BackendDead => Some(Side::Backend),
+            _ => None,
+        };
+        if let Some(side) = dead {
             // Half-open: nothing will come back from it.
             self.legs[ix(side)].kill_after_close();
         }
@@ -641,8 +624,8 @@ mod tests {
     };
     use super::super::{Phase, Settings};
     use super::*;
+    use crate::forward::KEEPALIVE_PAYLOAD;
     use crate::keepalive::Keepalive;
-    use crate::leg::KEEPALIVE_PAYLOAD;
 
     /// A relay under test with its fake loop.
     struct T {

@@ -18,19 +18,21 @@ use codec::handshake::{
     offers_permessage_deflate,
 };
 
-use crate::policy::Refusal;
 use crate::admission::Admitted;
 use crate::balance::{ActiveGuard, HashInput, hash_input};
-use crate::config::{BackendUrl, Balance, Config, Route, Upstream};
+use crate::config::{Balance, Config, Route, Upstream};
 use crate::conn::{
-    CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, UpgradeStep, Upgraded, compact, plain,
+    CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, UpgradeStep, Upgraded, compact,
     route_name, settings,
 };
-use crate::connection::REFUSAL_LINGER;
 use crate::lifecycle::Side;
 use crate::metrics::CoreMetrics;
+use crate::policy::Refusal;
 use crate::reload::{Generation, PoolRuntime};
-use crate::upstream::{LocalError, MAX_REJECTION, UpstreamError, backend_failed, upstream_headers};
+use crate::upstream::{LocalError, MAX_REJECTION, UpstreamError, backend_failed};
+
+/// How long a connection refused at accept is kept to take in what the client sent, at most.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// Room each read of a request or response head reserves (as the async reads did), and the
 /// size of the buffer a refused client's input is drained through.
@@ -722,7 +724,8 @@ impl Conn {
         match result {
             Ok(()) => {
                 let backend = &self.config().pools[attempt.pool].backends[leg.index];
-                let (hs, buf) = upstream_request(backend, &attempt.routed.req, self.client);
+                let (hs, buf) =
+                    crate::upstream::request(backend, &attempt.routed.req, self.client, HEAD_READ);
                 let deadline = Deadline::after(io, self.config().timeouts.connect);
                 let write = Writing::start(io, Side::Backend, buf);
                 Next::Wait(State::Requesting {
@@ -1173,28 +1176,6 @@ fn upstream_refusal(
 }
 
 /// The upstream request for `backend`, in a buffer that then takes the answer, and the
-/// handshake that checks the answer against it.
-fn upstream_request(
-    backend: &BackendUrl,
-    req: &UpgradeRequest,
-    client: SocketAddr,
-) -> (ClientHandshake, Vec<u8>) {
-    let mut hs = ClientHandshake::new();
-    let headers = upstream_headers(req, client);
-    let extra: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
-    let path = format!("{}{}", backend.path_prefix, req.path);
-    let mut buf = Vec::with_capacity(HEAD_READ);
-    hs.write_request(
-        &mut buf,
-        &backend.authority,
-        &path,
-        req.protocols.as_deref(),
-        req.extensions.as_deref(),
-        &extra,
-    );
-    (hs, buf)
-}
-
 /// The index of a route [`Config::route`] returned.
 fn route_index(cfg: &Config, route: &Route) -> usize {
     cfg.routes

@@ -18,8 +18,8 @@ use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use codec::CloseCode;
@@ -73,6 +73,22 @@ fn op_bit(side: Side, kind: OpKind) -> u8 {
 /// A completion's result as the machines see it.
 fn to_result(result: i32) -> io::Result<usize> {
     usize::try_from(result).map_err(|_| io::Error::from_raw_os_error(-result))
+}
+
+/// The soft descriptor limit, read from /proc once (no unsafe getrlimit needed) and kept:
+/// when it is reached, opening /proc/self/limits fails too.
+pub(crate) fn nofile_limit() -> &'static str {
+    static LIMIT: OnceLock<String> = OnceLock::new();
+    LIMIT.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+            })
+            .unwrap_or_else(|| "unreadable".to_owned())
+    })
 }
 
 /// Tells a core's loop to drain, from the control plane's thread: the close code, then a byte
@@ -390,7 +406,7 @@ impl<B: Backend> EventLoop<B> {
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
                 {
                     let e = io::Error::from_raw_os_error(-cqe.result);
-                    let limit = crate::worker::nofile_limit();
+                    let limit = nofile_limit();
                     tracing::warn!(why = %e, nofile_limit = limit, "accept failed");
                     self.last_accept_warning = Some(self.now);
                 }

@@ -125,3 +125,20 @@ impl IoBackend {
         }
     }
 }
+
+/// Binds a listening socket with `SO_REUSEPORT`, so each core binds its own and the kernel
+/// spreads incoming connections across them.
+pub(crate) fn bind_reuseport(
+    addr: std::net::SocketAddr,
+    backlog: i32,
+) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    // Non-blocking for the epoll backend's accepts (io_uring does not mind).
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
