@@ -264,9 +264,10 @@ mod tests {
             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
             Sec-WebSocket-Version: 13\r\nOrigin: http://example.com\r\nCookie: a=b\r\n\
             X-Forwarded-For: 10.0.0.1\r\nX-Secret: no\r\n\r\n";
-        let (req, _) = codec::handshake::parse_request(raw, &HeadLimits::default())
-            .unwrap()
-            .unwrap();
+        let (req, _) =
+            codec::handshake::parse_request(raw, &codec::handshake::HeadLimits::default())
+                .unwrap()
+                .unwrap();
         let headers = upstream_headers(&req, "192.0.2.7:5555".parse().unwrap());
         let get = |name: &str| {
             headers
