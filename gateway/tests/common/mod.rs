@@ -112,11 +112,13 @@ impl Gateway {
     }
 
     /// [`start_exact`](Self::start_exact) through `wrapper`, a program that runs its first
-    /// argument (the gateway binary) with the rest (`args`), e.g. under a seccomp filter.
+    /// argument (the gateway binary) with the rest (`args`), e.g. under a seccomp filter. The
+    /// gateway chooses its I/O backend itself: `WSGATE_IO_BACKEND` is not passed on.
     #[must_use]
     pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
         let mut command = Command::new(wrapper[0]);
         command
+            .env_remove("WSGATE_IO_BACKEND")
             .args(&wrapper[1..])
             .arg(env!("CARGO_BIN_EXE_gateway"))
             .args(args);
