@@ -116,9 +116,8 @@ impl GatewayClose {
             (Self::ClientGone | Self::ClientStoppedReading, Side::Client)
             | (Self::BackendGone | Self::BackendStoppedReading, Side::Backend) => None,
             (Self::ClientGone | Self::ClientStoppedReading | Self::ClientDead, Side::Backend)
-            | (Self::BackendGone, Side::Client)
-            | (Self::BackendStoppedReading | Self::BackendDead, Side::Client) => {
-                self.code().and_then(|code| close(code, self.reason()))
+            | (Self::BackendGone | Self::BackendStoppedReading | Self::BackendDead, Side::Client) => {
+                close(self.code(), self.reason())
             }
             (Self::ClientDead, Side::Client) | (Self::BackendDead, Side::Backend) => {
                 close(CloseCode::GOING_AWAY, "ping timeout")
@@ -131,8 +130,8 @@ impl GatewayClose {
     }
 
     /// The close code the access log records for it (the first one on the wire).
-    pub(crate) fn code(self) -> Option<CloseCode> {
-        Some(match self {
+    pub(crate) fn code(self) -> CloseCode {
+        match self {
             Self::ClientViolation(e) | Self::BackendViolation(e) => e.close_code(),
             Self::ClientGone | Self::ClientStoppedReading | Self::ClientDead | Self::Idle => {
                 CloseCode::GOING_AWAY
@@ -140,7 +139,7 @@ impl GatewayClose {
             Self::BackendGone | Self::CloseTimeout(_) => CloseCode::BAD_GATEWAY,
             Self::BackendStoppedReading | Self::BackendDead => CloseCode::INTERNAL_ERROR,
             Self::Drain(code) => code,
-        })
+        }
     }
 
     /// The access log's `close_reason`.

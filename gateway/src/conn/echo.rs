@@ -397,7 +397,7 @@ impl Echo {
             .to(Side::Client)
             .expect("the echo's client gets the gateway's close");
         self.gateway_closed = Some(GatewayClosed {
-            code: why.code().unwrap_or(CloseCode::GOING_AWAY),
+            code: why.code(),
             reason: why.reason(),
             since: now,
         });

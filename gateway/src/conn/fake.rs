@@ -53,6 +53,10 @@ pub(crate) struct Pending {
 
 /// One scripted peer's socket, seen from the peer.
 #[derive(Default, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "a socket's independent states, as the kernel keeps them"
+)]
 pub(crate) struct Peer {
     /// Bytes the peer sent that the gateway has not read.
     pub(crate) outbox: VecDeque<u8>,
@@ -72,6 +76,10 @@ pub(crate) struct Peer {
     /// receive).
     pub(crate) sent_data: Vec<u8>,
     /// The peer sent a close frame (with this code, if any).
+    #[expect(
+        clippy::option_option,
+        reason = "not sent, sent without a code, sent with one: as the wire has it"
+    )]
     pub(crate) sent_close: Option<Option<u16>>,
     /// Frames still to send.
     /// Each frame with the data payload it carries (counted in `sent_data` once spoken).

@@ -148,9 +148,12 @@ pub(crate) struct Upgraded {
     )]
     pub(crate) admitted: Admitted,
     /// Counts the connection toward its backend's load until it ends (`None` for the echo).
-    #[expect(
-        dead_code,
-        reason = "a guard: dropping it (with the connection) ends the count"
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "a guard: dropping it (with the connection) ends the count"
+        )
     )]
     pub(crate) active: Option<ActiveGuard>,
 }

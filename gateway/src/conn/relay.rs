@@ -342,7 +342,7 @@ impl Relay {
                     Side::Client => GatewayClose::ClientViolation(e),
                     Side::Backend => GatewayClose::BackendViolation(e),
                 };
-                self.record_close(why.code(), "gateway", why.reason());
+                self.record_close(Some(why.code()), "gateway", why.reason());
                 self.set_lifecycle(Lifecycle::Failed, ctx, now);
                 self.fail(from, why);
             }
@@ -399,7 +399,7 @@ impl Relay {
                 (Side::Client, true) => GatewayClose::ClientStoppedReading,
                 (Side::Backend, true) => GatewayClose::BackendStoppedReading,
             };
-            self.record_close(why.code(), "gateway", why.reason());
+            self.record_close(Some(why.code()), "gateway", why.reason());
             if let Some(close) = why.to(side.other()) {
                 self.legs[ix(side.other())].queue_close(Box::new(close));
             }
@@ -553,7 +553,7 @@ impl Relay {
         }
         let close = |side| Box::new(why.to(side).expect("both peers get the gateway's close"));
         let (to_client, to_backend) = (close(Side::Client), close(Side::Backend));
-        self.record_close(why.code(), "gateway", why.reason());
+        self.record_close(Some(why.code()), "gateway", why.reason());
         self.set_lifecycle(Lifecycle::Failed, ctx, now);
         self.legs[ix(Side::Client)].queue_close(to_client);
         self.legs[ix(Side::Backend)].queue_close(to_backend);

@@ -513,21 +513,20 @@ impl<B: Backend> SlotIo<'_, B> {
         );
         self.slot.inflight |= op;
         let data = user_data(self.index, self.slot.generation, op);
-        match self.fd(side).map(AsRawFd::as_raw_fd) {
-            Some(fd) => self.backend.push(data, sqe(fd)),
-            None => {
-                let buf = match sqe(-1) {
-                    Sqe::Recv { buf, .. } | Sqe::Send { buf, .. } => Some(buf),
-                    _ => None,
-                };
-                self.synthetic.push(Cqe {
-                    user_data: data,
-                    result: -libc::EBADF,
-                    buf,
-                    accepted: None,
-                    more: false,
-                });
-            }
+        if let Some(fd) = self.fd(side).map(AsRawFd::as_raw_fd) {
+            self.backend.push(data, sqe(fd));
+        } else {
+            let buf = match sqe(-1) {
+                Sqe::Recv { buf, .. } | Sqe::Send { buf, .. } => Some(buf),
+                _ => None,
+            };
+            self.synthetic.push(Cqe {
+                user_data: data,
+                result: -libc::EBADF,
+                buf,
+                accepted: None,
+                more: false,
+            });
         }
     }
 }
