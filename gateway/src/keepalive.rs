@@ -100,8 +100,13 @@ impl WriteTimeout {
         self.enabled() && stalled.as_millis() >= u128::from(self.0)
     }
 
-    /// How often a watchdog checks pending writes: a quarter of the timeout (at least 10 ms),
-    /// so a stuck write is cut within 1.25 timeouts.
+    /// The timeout itself.
+    pub(crate) fn duration(self) -> Duration {
+        Duration::from_millis(u64::from(self.0))
+    }
+
+    /// A quarter of the timeout (at least 10 ms): how soon a deadline that came due is looked
+    /// at again.
     pub(crate) fn tick(self) -> Duration {
         (Duration::from_millis(u64::from(self.0)) / 4).max(Duration::from_millis(10))
     }

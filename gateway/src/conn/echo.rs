@@ -1,7 +1,7 @@
 //! The embedded echo as a state machine: with no backend configured, the gateway answers
 //! the client itself, frame by frame (never buffering a message), validating like any leg.
 //! Keepalive, drain, the write timeout and the close timeout work as on a proxied
-//! connection; the async code (`crate::echo`) is the reference.
+//! connection.
 #![forbid(unsafe_code)]
 
 use std::net::Shutdown;

@@ -2,10 +2,9 @@
 //! the gateway's own control frames to it, its keepalive and write-timeout stamps) and one
 //! direction's [`Pump`] (its forwarder and its one buffer).
 //!
-//! The async code these replace kept a write lock per leg so that a ping or a close never
-//! landed inside a frame; here the same rule is a state check: a control frame goes to a leg
-//! only while no data write to it is in flight and its output stands at a frame boundary
-//! (`partial` false). A close that must go to a leg stuck inside a frame becomes a FIN.
+//! A ping or a close never lands inside a frame: a control frame goes to a leg only while no
+//! data write to it is in flight and its output stands at a frame boundary (`partial` false).
+//! A close that must go to a leg stuck inside a frame becomes a FIN.
 #![forbid(unsafe_code)]
 
 use std::net::Shutdown;
@@ -224,11 +223,12 @@ impl Leg {
             .is_some_and(|since| write.expired(now.saturating_duration_since(since)))
     }
 
-    /// When to look at the write in flight again: every quarter of the timeout, as the async
-    /// watchdog's ticker did.
+    /// When the write in flight times out if it moves no more bytes: one wake-up per timeout
+    /// (progress meanwhile moves the deadline, and the wake-up re-asks for it). A deadline
+    /// already past (the caller found the write stalled) is looked at again a tick later.
     pub(crate) fn write_check(&self, now: Instant, write: WriteTimeout) -> Option<Instant> {
         let since = self.write_since.filter(|_| write.enabled())?;
-        let at = since + write.tick();
+        let at = since + write.duration();
         Some(if at > now { at } else { now + write.tick() })
     }
 

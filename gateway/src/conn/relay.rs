@@ -3,9 +3,9 @@
 //!
 //! Each direction is a [`Pump`] with one buffer: read from its source, rewritten in place by
 //! its forwarder, written to its destination, and only then read again, so a slow reader
-//! stalls only its own connection. The watchdog of the async code (`crate::relay`) is
-//! [`Watch`] here, moved by timers and by the lifecycle. `LIFECYCLE.md` says who gets which
-//! close code; the async code is the reference for the order of things.
+//! stalls only its own connection. [`Watch`] runs the timers (keepalive, drain, write and
+//! close timeouts), moved by deadlines and by the lifecycle. `LIFECYCLE.md` says who gets
+//! which close code; `crate::policy` names each of the gateway's own.
 #![forbid(unsafe_code)]
 
 use std::net::Shutdown;
@@ -31,7 +31,7 @@ const fn ix(side: Side) -> usize {
     }
 }
 
-/// Both sides, client first (the order the async code served them in).
+/// Both sides, client first.
 const SIDES: [Side; 2] = [Side::Client, Side::Backend];
 
 /// Where one direction stands.
@@ -157,7 +157,7 @@ impl Relay {
             timer: None,
             ended: false,
         };
-        // The pumps first, as in the async code: a drain then finds their writes started.
+        // The pumps first: a drain then finds their writes started.
         let mut status = relay.drive(ctx, io);
         if let Some(code) = ctx.draining.get() {
             relay.gateway_close(GatewayClose::Drain(code), ctx, now);
@@ -252,7 +252,7 @@ impl Relay {
             }
             progress |= self.step_watch(io, now);
             if !self.ended && self.stages.iter().all(|s| matches!(s, Stage::Done)) {
-                // As the async code does once both pumps are done.
+                // Both pumps are done.
                 for leg in &mut self.legs {
                     leg.shutdown(io, Shutdown::Both);
                 }
