@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::config::reload::ReloadError;
 use crate::metrics::{BackendRows, Metrics};
-use crate::reload::ReloadError;
 
 /// Time a client has to send its request head, and each write has to make progress.
 const TIMEOUT: Duration = Duration::from_secs(1);

@@ -4,21 +4,19 @@
 // `unsafe` is denied crate-wide (workspace lints); the two `driver` backends alone opt out, per block.
 #![deny(unsafe_code)]
 
+// The architecture, by folder: `driver/` (the per-core event loop and its io_uring and epoll
+// backends), `conn/` (a connection as a state machine, and the interface the loop drives it
+// through), `upgrade/` (before the 101), `relay/` (after it), `upstream/` (reaching and choosing
+// backends), `config/` (the file, the flags, reloads).
 mod admin;
-mod admission;
-mod balance;
-mod cli;
 mod config;
 mod conn;
 mod driver;
-mod forward;
-mod health;
-mod keepalive;
-mod lifecycle;
 mod metrics;
 mod policy;
-mod reload;
+mod relay;
 mod signals;
+mod upgrade;
 mod upstream;
 
 /// Entry points for the fuzz targets in `fuzz/` (not an API).
@@ -32,9 +30,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::cli::Args;
+use crate::config::cli::Args;
+use crate::config::reload::{Shared, Trigger};
 use crate::config::{Config, LogFormat};
-use crate::reload::{Shared, Trigger};
 
 /// Listen backlog per core.
 const BACKLOG: i32 = 4096;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use codec::CloseCode;
 
-use crate::lifecycle::Side;
+use crate::relay::lifecycle::Side;
 use crate::upstream::LocalError;
 
 /// Accepted client connections not yet closed, per core (gauge).

@@ -6,8 +6,8 @@
 
 use codec::{CloseCode, ProtocolError};
 
-use crate::forward::ControlPayload;
-use crate::lifecycle::Side;
+use crate::relay::forward::ControlPayload;
+use crate::relay::lifecycle::Side;
 use crate::upstream::LocalError;
 
 /// The close reason sent with a drain's `code`: 1012 says the gateway restarts (clients may
@@ -24,7 +24,7 @@ pub(crate) fn drain_reason(code: CloseCode) -> &'static str {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Refusal {
     /// Over a connection limit, at accept.
-    OverLimit(crate::admission::Refusal),
+    OverLimit(crate::upgrade::admission::Refusal),
     /// The core is draining.
     Draining,
     /// No route takes the host and path.
@@ -208,7 +208,7 @@ mod tests {
 
     #[test]
     fn refusals() {
-        let over = Refusal::OverLimit(crate::admission::Refusal::PerIp);
+        let over = Refusal::OverLimit(crate::upgrade::admission::Refusal::PerIp);
         assert_eq!(over.status().0, 429);
         let text = String::from_utf8(over.response()).unwrap();
         assert!(

@@ -15,8 +15,8 @@ use codec::handshake::{ClientHandshake, HeadLimits, ServerResponse};
 
 use super::{Conn, CoreCtx, Event, Io, OpKind};
 use crate::config::Config;
-use crate::lifecycle::Side;
-use crate::reload::Shared;
+use crate::config::reload::Shared;
+use crate::relay::lifecycle::Side;
 
 /// Loop turns a connection gets to end in once its peers are calm.
 const MAX_TURNS: usize = 20_000;

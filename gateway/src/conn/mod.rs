@@ -3,7 +3,7 @@
 //! through [`Io`]. Nothing here touches a socket, a clock or a thread, so the same machines run
 //! under io_uring, under epoll, and under the simulation tests' fake loop.
 //!
-//! A connection is [`upgrade::Upgrade`] until its `101` (or its refusal), then
+//! A connection is [`crate::upgrade::Upgrade`] until its `101` (or its refusal), then
 //! [`relay::Relay`] (to a backend) or [`echo::Echo`] (the embedded echo) until it ends.
 #![forbid(unsafe_code)]
 
@@ -15,22 +15,18 @@ use std::time::{Duration, Instant};
 
 use codec::CloseCode;
 
-use crate::admission::Admitted;
-use crate::balance::ActiveGuard;
 use crate::config::Route;
-use crate::keepalive::{Keepalive, WriteTimeout};
-use crate::lifecycle::Side;
+use crate::config::reload::{Generation, Shared};
 use crate::metrics::CoreMetrics;
-use crate::reload::{Generation, Shared};
+use crate::relay::keepalive::{Keepalive, WriteTimeout};
+use crate::relay::lifecycle::Side;
+use crate::upgrade::admission::Admitted;
+use crate::upstream::balance::ActiveGuard;
 
-pub(crate) mod echo;
 mod fake;
 pub(crate) mod fuzzing;
-mod leg;
-pub(crate) mod relay;
 #[cfg(test)]
 mod sim;
-pub(crate) mod upgrade;
 
 /// An operation a machine has in flight, per leg: at most one of each kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,18 +167,18 @@ pub(crate) enum UpgradeStep {
 /// A connection's machine, by phase.
 pub(crate) enum Conn {
     /// Before the `101`: reading the request, choosing and reaching a backend, refusing.
-    Upgrade(Box<upgrade::Upgrade>),
+    Upgrade(Box<crate::upgrade::Upgrade>),
     /// Served by the embedded echo.
-    Echo(Box<echo::Echo>),
+    Echo(Box<crate::relay::echo::Echo>),
     /// Relayed to a backend.
-    Relay(Box<relay::Relay>),
+    Relay(Box<crate::relay::Relay>),
 }
 
 impl Conn {
     /// Starts the machine of a connection just accepted from `client`; `None` if it ended at
     /// once (refused with nothing in flight).
     pub(crate) fn start(client: SocketAddr, ctx: &CoreCtx, io: &mut dyn Io) -> Option<Self> {
-        let (upgrade, step) = upgrade::Upgrade::start(client, ctx, io);
+        let (upgrade, step) = crate::upgrade::Upgrade::start(client, ctx, io);
         Self::after_upgrade(Box::new(upgrade), step, ctx, io)
     }
 
@@ -204,7 +200,7 @@ impl Conn {
 
     /// The phase an upgrade step leads to.
     fn after_upgrade(
-        upgrade: Box<upgrade::Upgrade>,
+        upgrade: Box<crate::upgrade::Upgrade>,
         step: UpgradeStep,
         ctx: &CoreCtx,
         io: &mut dyn Io,
@@ -218,11 +214,11 @@ impl Conn {
                 drop(upgrade);
                 match upgraded.phase {
                     Phase::Echo => {
-                        let (echo, status) = echo::Echo::start(upgraded, ctx, io);
+                        let (echo, status) = crate::relay::echo::Echo::start(upgraded, ctx, io);
                         (status == Status::Running).then(|| Self::Echo(Box::new(echo)))
                     }
                     Phase::Relay => {
-                        let (relay, status) = relay::Relay::start(upgraded, ctx, io);
+                        let (relay, status) = crate::relay::Relay::start(upgraded, ctx, io);
                         (status == Status::Running).then(|| Self::Relay(Box::new(relay)))
                     }
                 }

@@ -23,7 +23,7 @@ use proptest::prelude::*;
 
 use super::Event;
 use super::fake::{World, core_ctx, decode, received};
-use crate::lifecycle::Side;
+use crate::relay::lifecycle::Side;
 
 /// A scripted message: text or binary, split into 1 to 3 frames.
 #[derive(Clone, Debug)]

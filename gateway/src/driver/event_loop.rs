@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use codec::CloseCode;
 
+use crate::config::reload::Shared;
 use crate::conn::{Conn, CoreCtx, Event, Io, OpKind};
 use crate::driver::{Backend, Cqe, Sqe};
-use crate::lifecycle::Side;
-use crate::reload::Shared;
+use crate::relay::lifecycle::Side;
 
 /// The slot of operations the loop runs for itself (accepts, the drain signal).
 const LOOP_SLOT: u32 = u32::MAX;

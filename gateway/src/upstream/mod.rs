@@ -1,15 +1,21 @@
 //! The upstream leg's request and its failures: the headers a backend receives, which
 //! failures count against a backend (passive ejection) and which are the gateway's own.
+//!
+//! - `balance.rs`: the order a pool's backends are tried in, and passive ejection;
+//! - `health.rs`: active health checks, on their own thread.
 #![forbid(unsafe_code)]
+
+pub(crate) mod balance;
+pub(crate) mod health;
 
 use std::io;
 use std::net::SocketAddr;
 
 use codec::handshake::{ClientHandshake, HandshakeError, UpgradeRequest};
 
-use crate::balance::Failure;
+use crate::config::reload::PoolRuntime;
 use crate::config::{BackendUrl, Pool};
-use crate::reload::PoolRuntime;
+use crate::upstream::balance::Failure;
 
 /// Client headers passed to the backend unchanged (the WebSocket ones travel separately).
 const FORWARDED_HEADERS: [&str; 4] = ["Origin", "Cookie", "Authorization", "User-Agent"];

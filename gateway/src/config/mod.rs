@@ -3,6 +3,9 @@
 //! a bad value and `--check-config` can name every mistake before a deploy.
 #![forbid(unsafe_code)]
 
+pub(crate) mod cli;
+pub(crate) mod reload;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -1443,7 +1446,7 @@ fn per_ip_limit(configured: u64) -> usize {
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../gateway.example.toml");
+    const EXAMPLE: &str = include_str!("../../gateway.example.toml");
 
     fn err(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()

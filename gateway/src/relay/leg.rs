@@ -13,12 +13,12 @@ use std::time::Instant;
 use codec::CloseCode;
 use codec::frame::{OpCode, write_frame};
 
-use super::{Io, MIN_READ};
-use crate::forward::KEEPALIVE_PAYLOAD;
-use crate::forward::{ControlPayload, Forwarder, Step};
-use crate::keepalive::{Keepalive, Verdict, WriteTimeout};
-use crate::lifecycle::Side;
+use crate::conn::{Io, MIN_READ};
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
+use crate::relay::forward::KEEPALIVE_PAYLOAD;
+use crate::relay::forward::{ControlPayload, Forwarder, Step};
+use crate::relay::keepalive::{Keepalive, Verdict, WriteTimeout};
+use crate::relay::lifecycle::Side;
 
 /// What a leg's write in flight carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -574,9 +574,9 @@ pub(crate) mod testio {
 
     use codec::frame::{Decoded, FrameHeader, OpCode, Role, write_frame};
 
-    use super::super::{CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, Upgraded};
-    use crate::keepalive::{Keepalive, WriteTimeout};
-    use crate::lifecycle::Side;
+    use crate::conn::{CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, Upgraded};
+    use crate::relay::keepalive::{Keepalive, WriteTimeout};
+    use crate::relay::lifecycle::Side;
 
     /// A write in flight: buffer and range.
     pub(crate) type PendingSend = (Vec<u8>, usize, usize);
@@ -818,7 +818,7 @@ pub(crate) mod testio {
             "[[listener]]\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"echo\"\n",
         )
         .expect("the minimal configuration is valid");
-        let shared = crate::reload::Shared::new(config, None, 1);
+        let shared = crate::config::reload::Shared::new(config, None, 1);
         CoreCtx {
             metrics: shared.metrics.core(0),
             shared,
@@ -853,8 +853,8 @@ pub(crate) mod testio {
             .admission
             .admit(client.ip(), 100, 100)
             .expect("room for a test connection");
-        let active =
-            (phase == Phase::Relay).then(|| crate::balance::PoolState::new(1).connected(0));
+        let active = (phase == Phase::Relay)
+            .then(|| crate::upstream::balance::PoolState::new(1).connected(0));
         Box::new(Upgraded {
             phase,
             client_input,

@@ -18,17 +18,17 @@ use codec::handshake::{
     offers_permessage_deflate,
 };
 
-use crate::admission::Admitted;
-use crate::balance::{ActiveGuard, HashInput, hash_input};
+use crate::config::reload::{Generation, PoolRuntime};
 use crate::config::{Balance, Config, Route, Upstream};
 use crate::conn::{
     CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, UpgradeStep, Upgraded, compact,
     route_name, settings,
 };
-use crate::lifecycle::Side;
 use crate::metrics::CoreMetrics;
 use crate::policy::Refusal;
-use crate::reload::{Generation, PoolRuntime};
+use crate::relay::lifecycle::Side;
+use crate::upgrade::admission::Admitted;
+use crate::upstream::balance::{ActiveGuard, HashInput, hash_input};
 use crate::upstream::{LocalError, MAX_REJECTION, UpstreamError, backend_failed};
 
 /// How long a connection refused at accept is kept to take in what the client sent, at most.
@@ -1190,8 +1190,8 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::config::reload::Shared;
     use crate::metrics::{BackendRow, LOCAL_ERRORS, UPGRADES};
-    use crate::reload::Shared;
 
     /// Routes for every test: the echo (with its own message limit), a pool of two
     /// backends, and an echo route with an origin allow-list.

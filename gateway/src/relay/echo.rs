@@ -13,11 +13,11 @@ use codec::frame::Role;
 use super::leg::{
     Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
 };
-use super::{CoreCtx, Event, Io, Outcome, Settings, Status, Upgraded};
-use crate::forward::{Forwarder, Mode, Step};
-use crate::lifecycle::Side;
+use crate::conn::{CoreCtx, Event, Io, Outcome, Settings, Status, Upgraded};
 use crate::metrics::{CloseDirection, Direction};
 use crate::policy::GatewayClose;
+use crate::relay::forward::{Forwarder, Mode, Step};
+use crate::relay::lifecycle::Side;
 
 /// Each frame is counted both ways: in from the client, and echoed back.
 const BOTH_WAYS: [Direction; 2] = [Direction::ClientToBackend, Direction::BackendToClient];
@@ -438,11 +438,11 @@ mod tests {
 
     use codec::frame::OpCode;
 
-    use super::super::Phase;
     use super::super::leg::testio::{
         FakeIo, admitted, client_frame, close_payload, code_of, ctx, settings, upgraded,
     };
     use super::*;
+    use crate::conn::Phase;
 
     /// Starts an echo with `input` already received.
     fn start(input: Vec<u8>) -> (CoreCtx, FakeIo, Echo, Status) {

@@ -19,9 +19,9 @@ use codec::close::{MAX_CONTROL_PAYLOAD, write_close};
 use codec::frame::{OpCode, write_frame};
 use codec::handshake::{ClientHandshake, HeadLimits, ServerResponse};
 
-use crate::balance::PoolState;
 use crate::config::{BackendUrl, HealthCheck, Pool};
 use crate::metrics::BackendStats;
+use crate::upstream::balance::PoolState;
 
 /// The longest the thread sleeps before looking at `stop` again.
 const STOP_POLL: Duration = Duration::from_millis(50);

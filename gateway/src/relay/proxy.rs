@@ -17,11 +17,11 @@ use codec::frame::Role;
 use super::leg::{
     Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
 };
-use super::{CoreCtx, Event, Io, Outcome, Settings, Status, Upgraded};
-use crate::forward::{ControlPayload, Forwarder, Mode, Step};
-use crate::lifecycle::{Lifecycle, OnClose, Side};
+use crate::conn::{CoreCtx, Event, Io, Outcome, Settings, Status, Upgraded};
 use crate::metrics::{CloseDirection, Direction};
 use crate::policy::GatewayClose;
+use crate::relay::forward::{ControlPayload, Forwarder, Mode, Step};
+use crate::relay::lifecycle::{Lifecycle, OnClose, Side};
 
 /// Index of a side's leg (and of the pump reading it).
 const fn ix(side: Side) -> usize {
@@ -622,10 +622,10 @@ mod tests {
         FakeIo, admitted, client_frame, close_payload, code_of, ctx, ix, server_frame, settings,
         upgraded,
     };
-    use super::super::{Phase, Settings};
     use super::*;
-    use crate::forward::KEEPALIVE_PAYLOAD;
-    use crate::keepalive::Keepalive;
+    use crate::conn::{Phase, Settings};
+    use crate::relay::forward::KEEPALIVE_PAYLOAD;
+    use crate::relay::keepalive::Keepalive;
 
     /// A relay under test with its fake loop.
     struct T {

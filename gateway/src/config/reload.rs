@@ -9,10 +9,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
-use crate::admission::Admission;
-use crate::balance::PoolState;
 use crate::config::{Config, LoadError, Pool};
 use crate::metrics::{BackendRow, BackendStats, Metrics};
+use crate::upgrade::admission::Admission;
+use crate::upstream::balance::PoolState;
 
 /// One pool's live state: balancing and ejection, and the counters it exports.
 pub(crate) struct PoolRuntime {
@@ -179,13 +179,13 @@ impl Shared {
             .pools
             .iter()
             .zip(&generation.pools)
-            .map(|(pool, runtime)| crate::health::Probed {
+            .map(|(pool, runtime)| crate::upstream::health::Probed {
                 state: Arc::clone(&runtime.state),
                 pool: pool.clone(),
                 stats: runtime.stats.clone(),
             })
             .collect();
-        if let Some(handle) = crate::health::spawn(pools, Arc::clone(&stop)) {
+        if let Some(handle) = crate::upstream::health::spawn(pools, Arc::clone(&stop)) {
             *health = Some((stop, handle));
         }
     }
