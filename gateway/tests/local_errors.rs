@@ -120,8 +120,16 @@ async fn exhaust(nofile: u32) -> bool {
         "a failed connect reached the backend"
     );
 
-    // Everything closed, the backend is still in: the next client is upgraded at once.
+    // Everything closed, the backend is still in: once the gateway has let go of the held
+    // connections (their descriptors are back), the next client is upgraded at once.
+    let held_count = held.len();
     drop(held);
+    assert!(
+        gw.wait_lines(STEP, held_count, |l| l.contains("connection closed"))
+            .await,
+        "the held connections were not closed:\n{}",
+        gw.stderr()
+    );
     match try_connect(&gw.url("/")).await {
         Ok(_) => {}
         Err(tungstenite::Error::Http(resp)) => panic!(
@@ -208,6 +216,8 @@ async fn assert_counted(gw: &Gateway, admin: SocketAddr, backend: &TagBackend) {
     );
     assert_eq!(sample(&text, &series), 0, "counted against the backend");
 
+    gw.wait_lines(STEP, LOCAL_FAILURES, |l| l.contains("upgrade failed"))
+        .await;
     let lines = gw.lines();
     let failed: Vec<&String> = lines
         .iter()

@@ -259,6 +259,36 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Waits (at most `limit`) until `count` lines match `pred`; says whether they did. Log
+    /// lines reach stderr through a writer thread, a moment after what they report.
+    pub async fn wait_lines(
+        &self,
+        limit: Duration,
+        count: usize,
+        pred: impl Fn(&str) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| pred(l))
+                .count()
+                >= count
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
