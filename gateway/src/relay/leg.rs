@@ -463,10 +463,12 @@ impl Pump {
             .expect("a pump processes only a buffer it holds");
         let step = self.fwd.process(buf);
         if self.fwd.frames != self.frames || self.fwd.payload_bytes != self.bytes {
-            // Live counters: per batch, not per connection close.
+            // Live counters: per batch, not per connection close. A frame the forwarder takes
+            // back (a violation inside it, before it left) was counted when it began: it did
+            // arrive, so it stays counted, and the count never goes backwards.
             let (df, db) = (
-                self.fwd.frames - self.frames,
-                self.fwd.payload_bytes - self.bytes,
+                self.fwd.frames.saturating_sub(self.frames),
+                self.fwd.payload_bytes.saturating_sub(self.bytes),
             );
             for &dir in dirs {
                 metrics.frames(dir, df, db);

@@ -841,6 +841,27 @@ mod tests {
         assert_eq!(o.closed_by, Some("gateway"));
     }
 
+    /// Found by the `relay_machine` fuzz target: a text frame counted when its header
+    /// arrived, then taken back when its payload turned out not to be UTF-8, made the live
+    /// frame counter subtract past zero.
+    #[test]
+    fn a_frame_taken_back_after_it_was_counted() {
+        let mut t = T::new(settings());
+        let frame = client_frame(OpCode::Text, b"ok \xff\xfe");
+        // The header and the valid start in one read, the bad bytes in the next.
+        t.send(Side::Client, &frame[..frame.len() - 2], 100);
+        t.send(Side::Client, &frame[frame.len() - 2..], 100);
+        assert_eq!(
+            t.io.take_frames(Side::Client),
+            [close(1007, "invalid utf-8")]
+        );
+        assert!(
+            t.io.take_frames(Side::Backend)
+                .iter()
+                .all(|(op, _)| *op == OpCode::Close)
+        );
+    }
+
     #[test]
     fn backend_eof_gets_the_client_1014() {
         let mut t = T::new(settings());
