@@ -352,10 +352,10 @@ pub(crate) fn median_of(
     median(&mut values)
 }
 
-/// Targets in report order: direct, floor, gateway, nginx, haproxy, then any other in the
-/// order it first appears in `runs.json`.
+/// Targets in report order: direct, floor, gateway (io_uring, then epoll), nginx, haproxy, then
+/// any other in the order it first appears in `runs.json`.
 pub(crate) fn targets(samples: &[Sample]) -> Vec<String> {
-    const ORDER: [&str; 5] = ["direct", "floor", "gateway", "nginx", "haproxy"];
+    const ORDER: [&str; 6] = ["direct", "floor", "gateway", "gateway-epoll", "nginx", "haproxy"];
     let mut out: Vec<String> = Vec::new();
     for s in samples {
         if !out.contains(&s.entry.target) {
