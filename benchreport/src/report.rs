@@ -355,7 +355,14 @@ pub(crate) fn median_of(
 /// Targets in report order: direct, floor, gateway (io_uring, then epoll), nginx, haproxy, then
 /// any other in the order it first appears in `runs.json`.
 pub(crate) fn targets(samples: &[Sample]) -> Vec<String> {
-    const ORDER: [&str; 6] = ["direct", "floor", "gateway", "gateway-epoll", "nginx", "haproxy"];
+    const ORDER: [&str; 6] = [
+        "direct",
+        "floor",
+        "gateway",
+        "gateway-epoll",
+        "nginx",
+        "haproxy",
+    ];
     let mut out: Vec<String> = Vec::new();
     for s in samples {
         if !out.contains(&s.entry.target) {

@@ -51,6 +51,17 @@ pub(crate) struct Pending {
     pub(crate) cancel: bool,
 }
 
+/// One thing a scripted peer says.
+#[derive(Debug)]
+pub(crate) struct Said {
+    /// The bytes on the wire.
+    pub(crate) wire: Vec<u8>,
+    /// The data payload they carry (what the other side should receive).
+    pub(crate) data: Vec<u8>,
+    /// They are a close frame, with this code.
+    pub(crate) close: Option<u16>,
+}
+
 /// One scripted peer's socket, seen from the peer.
 #[derive(Default, Debug)]
 #[expect(
@@ -83,7 +94,26 @@ pub(crate) struct Peer {
     pub(crate) sent_close: Option<Option<u16>>,
     /// Frames still to send.
     /// Each frame with the data payload it carries (counted in `sent_data` once spoken).
-    pub(crate) script: VecDeque<(Vec<u8>, Vec<u8>)>,
+    pub(crate) script: VecDeque<Said>,
+}
+
+impl Peer {
+    /// The peer's state in a line, for a failure message.
+    fn summary(&self) -> String {
+        format!(
+            "outbox {} B, fin {}, reset {}, inbox {} B, shut read {} write {}, frames from {:?}, \
+             sent close {:?}, {} frames to say",
+            self.outbox.len(),
+            self.fin,
+            self.reset,
+            self.inbox.len(),
+            self.shut_read,
+            self.shut_write,
+            self.frames_from,
+            self.sent_close,
+            self.script.len()
+        )
+    }
 }
 
 /// Decoded frames of a byte stream: (opcode, fin, unmasked payload), and whether the stream
@@ -280,8 +310,10 @@ impl World {
             turns += 1;
             if turns > MAX_TURNS {
                 return Err(format!(
-                    "the connection never ended; in flight: {:?}",
-                    self.pending
+                    "the connection never ended; in flight: {:?}\nclient: {}\nbackend: {}",
+                    self.pending,
+                    self.client.summary(),
+                    self.backend.summary()
                 ));
             }
             self.react();
@@ -525,15 +557,14 @@ impl World {
         if !ready || peer.fin || peer.reset || peer.sent_close.is_some() {
             return false;
         }
-        let Some((frame, data)) = peer.script.pop_front() else {
+        let Some(said) = peer.script.pop_front() else {
             return false;
         };
-        if frame.first().is_some_and(|b| b & 0x0F == 0x8) {
-            // Only the client's scripted close exists, with code 4000.
-            peer.sent_close = Some(Some(4000));
+        if let Some(code) = said.close {
+            peer.sent_close = Some(Some(code));
         }
-        peer.outbox.extend(frame);
-        peer.sent_data.extend_from_slice(&data);
+        peer.outbox.extend(said.wire);
+        peer.sent_data.extend_from_slice(&said.data);
         true
     }
 }

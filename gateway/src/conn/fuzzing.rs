@@ -2,7 +2,7 @@
 //! handshakes, through the upgrade and the relay (or the echo), on the fake loop of `fake.rs`.
 #![forbid(unsafe_code)]
 
-use super::fake::{World, core_ctx};
+use super::fake::{Said, World, core_ctx};
 
 /// Runs one connection whose client sends `client` and whose backend sends `backend` once
 /// upgraded (the echo ignores `backend`), read in pieces of the sizes in `cuts`.
@@ -13,11 +13,13 @@ use super::fake::{World, core_ctx};
 pub fn relay(client: &[u8], backend: &[u8], cuts: &[u8], echo: bool) {
     let ctx = core_ctx(echo);
     let mut world = World::new(echo, true);
-    world.client.script.push_back((client.to_vec(), Vec::new()));
-    world
-        .backend
-        .script
-        .push_back((backend.to_vec(), Vec::new()));
+    for (peer, bytes) in [(&mut world.client, client), (&mut world.backend, backend)] {
+        peer.script.push_back(Said {
+            wire: bytes.to_vec(),
+            data: Vec::new(),
+            close: None,
+        });
+    }
     world.cuts = cuts.iter().map(|&c| usize::from(c) * 7 + 1).collect();
     let conn = world.start(&ctx);
     if let Err(e) = world.finish(conn, &ctx) {

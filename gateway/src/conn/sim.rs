@@ -22,7 +22,7 @@ use codec::frame::{OpCode, Role, write_frame};
 use proptest::prelude::*;
 
 use super::Event;
-use super::fake::{World, core_ctx, decode, received};
+use super::fake::{Said, World, core_ctx, decode, received};
 use crate::relay::lifecycle::Side;
 
 /// A scripted message: text or binary, split into 1 to 3 frames.
@@ -55,7 +55,7 @@ fn message() -> impl Strategy<Value = Message> {
 }
 
 /// The frames of `messages`, masked when the sender is a client.
-fn script(messages: &[Message], masked: bool) -> VecDeque<(Vec<u8>, Vec<u8>)> {
+fn script(messages: &[Message], masked: bool) -> VecDeque<Said> {
     let mut frames = VecDeque::new();
     for m in messages {
         let pieces = m.frames.min(m.payload.len().max(1));
@@ -74,7 +74,11 @@ fn script(messages: &[Message], masked: bool) -> VecDeque<(Vec<u8>, Vec<u8>)> {
             let mut frame = Vec::new();
             let key = masked.then(|| [1 + i as u8, 7, 13, 42]);
             write_frame(&mut frame, i + 1 == chunks.len(), opcode, key, chunk);
-            frames.push_back((frame, chunk.to_vec()));
+            frames.push_back(Said {
+                wire: frame,
+                data: chunk.to_vec(),
+                close: None,
+            });
         }
     }
     frames
@@ -148,7 +152,11 @@ fn run(
             Some([3, 1, 4, 1]),
             &4000u16.to_be_bytes(),
         );
-        client_script.push_back((close, Vec::new()));
+        client_script.push_back(Said {
+            wire: close,
+            data: Vec::new(),
+            close: Some(4000),
+        });
     }
     let backend_script = script(backend_messages, false);
     let mut world = World::new(echo, connect_ok);
