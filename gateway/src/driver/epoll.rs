@@ -72,6 +72,9 @@ struct FdState {
     readable: bool,
     /// No write-side syscall said `EAGAIN` since the last event that said writable.
     writable: bool,
+    /// An event reported the peer's end of stream, a hang-up or an error: those stay readable
+    /// (and writable) for good, so a short read or write no longer means drained.
+    ended: bool,
     /// A read waiting for data.
     recv: Option<RecvOp>,
     /// A write waiting for room.
@@ -88,6 +91,7 @@ impl FdState {
         registered: false,
         readable: true,
         writable: true,
+        ended: false,
         recv: None,
         send: None,
         connect: None,
@@ -121,6 +125,16 @@ enum Attempt {
     Done(i32),
     /// The kernel said `EAGAIN`: it waits for the next readiness event.
     Again,
+}
+
+/// Whether a read or write that moved `res` of `asked` bytes left the socket drained (nothing
+/// more to read, no room to write). A stream socket that moved fewer bytes than asked had no
+/// more at that moment, so the next attempt would only meet `EAGAIN`: it waits for the next
+/// edge instead, which the kernel raises for anything that arrives (or frees up) later. Not
+/// after an end of stream or an error an event already reported (`FdState::ended`): those
+/// raise no new edge, and the next attempt must meet them.
+fn drained(res: i32, asked: usize) -> bool {
+    usize::try_from(res).is_ok_and(|n| n > 0 && n < asked)
 }
 
 impl Epoll {
@@ -224,8 +238,10 @@ impl Core {
                 }
                 let mut op = RecvOp { user_data, buf };
                 if st.readable {
+                    let room = op.buf.capacity() - op.buf.len();
                     match recv(fd, &mut op.buf) {
                         Attempt::Done(res) => {
+                            st.readable = st.ended || !drained(res, room);
                             self.ready.push(cqe(user_data, res, Some(op.buf)));
                             return;
                         }
@@ -251,6 +267,7 @@ impl Core {
                 if st.writable {
                     match send(fd, &op) {
                         Attempt::Done(res) => {
+                            st.writable = st.ended || !drained(res, op.end - op.start);
                             self.ready.push(cqe(user_data, res, Some(op.buf)));
                             return;
                         }
@@ -341,11 +358,16 @@ impl Core {
         let Ok(fd) = RawFd::try_from(i) else { return };
         // An error or hang-up wakes both sides: the retried syscall reports it.
         let error = event.is_error();
+        if event.is_read_closed() || event.is_write_closed() || error {
+            st.ended = true;
+        }
         if event.is_readable() || event.is_read_closed() || error {
             st.readable = true;
             if let Some(mut op) = st.recv.take() {
+                let room = op.buf.capacity() - op.buf.len();
                 match recv(fd, &mut op.buf) {
                     Attempt::Done(res) => {
+                        st.readable = st.ended || !drained(res, room);
                         self.parked.remove(&op.user_data);
                         self.ready.push(cqe(op.user_data, res, Some(op.buf)));
                     }
@@ -380,6 +402,7 @@ impl Core {
             if let Some(op) = st.send.take() {
                 match send(fd, &op) {
                     Attempt::Done(res) => {
+                        st.writable = st.ended || !drained(res, op.end - op.start);
                         self.parked.remove(&op.user_data);
                         self.ready.push(cqe(op.user_data, res, Some(op.buf)));
                     }
