@@ -65,6 +65,10 @@ struct Core {
 }
 
 /// What is known of one socket.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts about one socket, as epoll reports them"
+)]
 struct FdState {
     /// Registered with epoll (for reading and writing, edge-triggered).
     registered: bool,

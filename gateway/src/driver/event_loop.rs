@@ -294,25 +294,15 @@ impl<B: Backend> EventLoop<B> {
         }
         s.inflight &= !op;
         let result = to_result(cqe.result);
+        let side = if op & (CLIENT_RECV | CLIENT_SEND) != 0 {
+            Side::Client
+        } else {
+            Side::Backend
+        };
+        let buf = cqe.buf.unwrap_or_default();
         let event = match op {
-            CLIENT_RECV | BACKEND_RECV => Event::Received {
-                side: if op == CLIENT_RECV {
-                    Side::Client
-                } else {
-                    Side::Backend
-                },
-                buf: cqe.buf.unwrap_or_default(),
-                result,
-            },
-            CLIENT_SEND | BACKEND_SEND => Event::Sent {
-                side: if op == CLIENT_SEND {
-                    Side::Client
-                } else {
-                    Side::Backend
-                },
-                buf: cqe.buf.unwrap_or_default(),
-                result,
-            },
+            CLIENT_RECV | BACKEND_RECV => Event::Received { side, buf, result },
+            CLIENT_SEND | BACKEND_SEND => Event::Sent { side, buf, result },
             _ => Event::Connected(result.map(drop)),
         };
         self.deliver(slot, event);
@@ -327,15 +317,25 @@ impl<B: Backend> EventLoop<B> {
             self.maybe_free(index);
             return;
         };
+        self.run_machine(index, |ctx, io| conn.on_event(event, ctx, io));
+    }
+
+    /// Runs `step` on slot `index` with the loop as the machine's [`Io`], then settles the
+    /// slot with the machine's next state.
+    fn run_machine(
+        &mut self,
+        index: u32,
+        step: impl FnOnce(&CoreCtx, &mut dyn Io) -> Option<Conn>,
+    ) {
         let mut io = SlotIo {
             backend: &mut self.backend,
             timers: &mut self.timers,
             synthetic: &mut self.synthetic,
-            slot,
+            slot: &mut self.slots[index as usize],
             index,
             now: self.now,
         };
-        let next = conn.on_event(event, &self.ctx, &mut io);
+        let next = step(&self.ctx, &mut io);
         self.settle(index, next);
     }
 
@@ -437,18 +437,8 @@ impl<B: Backend> EventLoop<B> {
         });
         self.live += 1;
         self.ctx.metrics.connection_opened();
-        let slot = &mut self.slots[index as usize];
-        slot.client = Some(fd);
-        let mut io = SlotIo {
-            backend: &mut self.backend,
-            timers: &mut self.timers,
-            synthetic: &mut self.synthetic,
-            slot,
-            index,
-            now: self.now,
-        };
-        let conn = Conn::start(client, &self.ctx, &mut io);
-        self.settle(index, conn);
+        self.slots[index as usize].client = Some(fd);
+        self.run_machine(index, |ctx, io| Conn::start(client, ctx, io));
     }
 
     fn woken(&mut self, cqe: Cqe) {
