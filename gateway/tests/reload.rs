@@ -17,8 +17,8 @@ use common::config::{
     wait_until,
 };
 use common::{
-    close_frame, connect, drain_to_end, expect_close, field, free_addr, http_exchange, recv_data,
-    send, within,
+    STEP, close_frame, connect, drain_to_end, expect_close, field, free_addr, http_exchange,
+    recv_data, send, within,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -226,8 +226,10 @@ async fn post_reload_reroutes_and_reports_errors() {
     reloaded.send_replace(true);
     // The reload is complete when POST answers: the very next connection goes to B.
     assert_eq!(served_by(&gw).await, "B");
-    // One log line per reload, naming how it was asked for.
+    // One log line per reload, naming how it was asked for (the log writer may lag a loaded
+    // machine: wait for it, then check there is only the one).
     let reloaded_line = format!("reloaded {}", gw.config().path().display());
+    gw.wait_lines(STEP, 1, |l| l.contains(&reloaded_line)).await;
     let lines = gw.lines();
     let done: Vec<_> = lines
         .iter()
