@@ -57,8 +57,9 @@ pub(crate) struct Args {
     #[arg(long)]
     cores: Option<u64>,
 
-    /// The data plane's I/O: io_uring, epoll, or auto (io_uring where it can be set up,
-    /// epoll where a seccomp profile, a sysctl or an old kernel denies it).
+    /// The data plane's I/O: `uring` (io_uring), `epoll`, or `auto` (io_uring where it can be
+    /// set up, epoll where a seccomp profile, a sysctl or an old kernel denies it; then the
+    /// environment variable `WSGATE_IO_BACKEND` may choose).
     #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = ["auto", "uring", "epoll"])]
     io_backend: String,
 
