@@ -311,13 +311,16 @@ async fn refused_at_once(mut stream: TcpStream, body: &str) {
     assert!(started.elapsed() < PROMPT);
 }
 
-/// Upgrades from `from`, retrying (bounded) while the gateway has yet to notice a close.
-async fn upgraded_soon(gw: &ConfigGateway, from: IpAddr) {
+/// Upgrades from `from`, retrying (bounded) while the gateway has yet to notice a close;
+/// says how many tries were refused with 429 first (each counted as a refusal).
+async fn upgraded_soon(gw: &ConfigGateway, from: IpAddr) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(2);
+    let mut refused = 0;
     loop {
         match connect_from(from, gw.addr, &gw.url("/")).await {
-            Ok(_) => return,
+            Ok(_) => return refused,
             Err(429) if Instant::now() < deadline => {
+                refused += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(status) => panic!("refused ({status}) after a silent connection closed"),
@@ -350,10 +353,13 @@ async fn silent_connections_count_against_max_connections_from_accept() {
     refused_at_once(eager, "too many connections").await;
 
     drop(silent.pop());
-    upgraded_soon(&gw, ip(9)).await;
+    let retries = upgraded_soon(&gw, ip(9)).await;
 
     let text = scrape(admin).await;
-    assert_eq!(sample(&text, "wsgate_upgrades_total{status=\"429\"}"), 2);
+    assert_eq!(
+        sample(&text, "wsgate_upgrades_total{status=\"429\"}"),
+        2 + retries
+    );
     let refused = gw
         .wait_line(STEP, |l| l.contains("upgrade refused"))
         .await

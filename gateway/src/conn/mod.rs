@@ -45,9 +45,13 @@ pub(crate) enum OpKind {
 pub(crate) trait Io {
     /// The time, as the loop last read it (once per loop turn).
     fn now(&self) -> Instant;
-    /// One read from `side` into `buf`'s spare capacity (it must have some); comes back as
-    /// [`Event::Received`].
-    fn recv(&mut self, side: Side, buf: Vec<u8>);
+    /// One read from `side`, appended to `buf` with room for at least `len` bytes; comes back
+    /// as [`Event::Received`]. An empty `buf` goes back to the loop's pool and the bytes come
+    /// in a pool buffer taken only when they arrive (an empty `Vec` if none came), so a leg
+    /// waiting for input holds no buffer.
+    fn recv(&mut self, side: Side, buf: Vec<u8>, len: usize);
+    /// Gives a buffer back to the loop's pool (one of another size is freed).
+    fn recycle(&mut self, buf: Vec<u8>);
     /// One write of `buf[start..end]` to `side`; comes back as [`Event::Sent`], possibly short.
     fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize);
     /// Opens a new backend socket and connects it to `addr`; comes back as
@@ -227,8 +231,7 @@ impl Conn {
     }
 }
 
-/// Reads start this small so an idle connection pins little memory under io_uring (a pending
-/// read owns its buffer), and grow while reads keep filling them. Every read reserves at least
+/// Reads start this small and grow while reads keep filling them. Every read has at least
 /// this much room beyond what is buffered, so a control frame the forwarder waits to have
 /// whole (at most 131 bytes) always arrives within a read or two.
 pub(crate) const MIN_READ: usize = 128;
@@ -301,11 +304,26 @@ pub(crate) fn settings(generation: &Generation) -> Settings {
     }
 }
 
-/// Handshake buffers become the relay's first read buffers: trim them to the idle size, since
-/// every idle connection keeps its pending reads' buffers.
+/// Handshake buffers become the relay's first read buffers. An empty one stays as it is (the
+/// relay's first read gives it back to the loop's pool); one holding early frames is trimmed
+/// to them, so it does not pin a pool buffer's size.
 pub(crate) fn compact(mut buf: Vec<u8>) -> Vec<u8> {
-    buf.shrink_to(MIN_READ);
+    if !buf.is_empty() {
+        buf.shrink_to(MIN_READ);
+    }
     buf
+}
+
+/// Trades a pool buffer a read handed over for an exact copy of its bytes, giving the pool
+/// buffer back at once: for bytes that stay a while (a request head being parsed), so that
+/// connections in their handshake hold no pool buffers.
+pub(crate) fn unpool(io: &mut dyn Io, buf: Vec<u8>) -> Vec<u8> {
+    if buf.capacity() != crate::driver::POOL_BUF {
+        return buf;
+    }
+    let copy = buf.as_slice().to_vec();
+    io.recycle(buf);
+    copy
 }
 
 /// A small plain-text HTTP answer that closes the connection.

@@ -33,7 +33,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 use socket2::{SockAddr, SockRef};
 
-use super::{Backend, Cqe, Sqe};
+use super::{Backend, BufPool, Cqe, POOL_BUF, Sqe};
 
 /// Readiness events taken from the kernel per `epoll_wait`; more stay queued for the next.
 const EVENTS: usize = 1024;
@@ -62,6 +62,8 @@ struct Core {
     /// The fd of every parked operation, by user data: how a cancel finds its target without
     /// scanning every socket.
     parked: HashMap<u64, RawFd, BuildHasherDefault<MixHasher>>,
+    /// Buffers for pooled reads: taken for an attempt, kept only if it read bytes.
+    pool: BufPool,
 }
 
 /// What is known of one socket.
@@ -103,12 +105,38 @@ impl FdState {
     };
 }
 
-/// A parked `Recv`.
+/// A parked `Recv` or `RecvPooled`.
 struct RecvOp {
     /// What it was pushed with.
     user_data: u64,
-    /// Where the bytes go (into its spare capacity).
+    /// Where the bytes go (into its spare capacity); for a pooled read, empty and without
+    /// capacity until an attempt takes a buffer from the pool.
     buf: Vec<u8>,
+    /// A pooled read's most bytes; 0 for a read into `buf`.
+    pooled: u32,
+}
+
+impl RecvOp {
+    /// One attempt: reads into the op's buffer, or into one from `pool` (kept only if bytes
+    /// came); also says how many bytes it asked for.
+    fn attempt(&mut self, fd: RawFd, pool: &mut BufPool) -> (Attempt, usize) {
+        if self.pooled == 0 {
+            let room = self.buf.capacity() - self.buf.len();
+            return (recv(fd, &mut self.buf, room), room);
+        }
+        let room = (self.pooled as usize).min(POOL_BUF);
+        self.buf = pool.take();
+        let attempt = recv(fd, &mut self.buf, room);
+        if !matches!(attempt, Attempt::Done(n) if n > 0) {
+            pool.put(std::mem::take(&mut self.buf));
+        }
+        (attempt, room)
+    }
+
+    /// The buffer its completion hands back: none for a pooled read that read nothing.
+    fn into_buf(self) -> Option<Vec<u8>> {
+        (self.pooled == 0 || self.buf.capacity() > 0).then_some(self.buf)
+    }
 }
 
 /// A parked `Send`.
@@ -151,6 +179,7 @@ impl Epoll {
                 fds: Vec::new(),
                 ready: Vec::new(),
                 parked: HashMap::default(),
+                pool: BufPool::default(),
             },
         })
     }
@@ -208,6 +237,10 @@ impl Backend for Epoll {
         self.core.close(self.poll.registry(), fd.as_raw_fd());
         drop(fd);
     }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        self.core.pool.put(buf);
+    }
 }
 
 impl Core {
@@ -220,6 +253,7 @@ impl Core {
             }
             Sqe::Accept { fd }
             | Sqe::Recv { fd, .. }
+            | Sqe::RecvPooled { fd, .. }
             | Sqe::Send { fd, .. }
             | Sqe::Connect { fd, .. } => *fd,
         };
@@ -235,24 +269,24 @@ impl Core {
         let st = &mut self.fds[i];
         match sqe {
             Sqe::Recv { buf, .. } => {
-                if st.recv.is_some() {
-                    debug_assert!(false, "a second Recv on fd {fd}");
-                    self.ready.push(cqe(user_data, -libc::EBUSY, Some(buf)));
+                let op = RecvOp {
+                    user_data,
+                    buf,
+                    pooled: 0,
+                };
+                if !self.push_recv(fd, i, op) {
                     return;
                 }
-                let mut op = RecvOp { user_data, buf };
-                if st.readable {
-                    let room = op.buf.capacity() - op.buf.len();
-                    match recv(fd, &mut op.buf) {
-                        Attempt::Done(res) => {
-                            st.readable = st.ended || !drained(res, room);
-                            self.ready.push(cqe(user_data, res, Some(op.buf)));
-                            return;
-                        }
-                        Attempt::Again => st.readable = false,
-                    }
+            }
+            Sqe::RecvPooled { len, .. } => {
+                let op = RecvOp {
+                    user_data,
+                    buf: Vec::new(),
+                    pooled: len.max(1),
+                };
+                if !self.push_recv(fd, i, op) {
+                    return;
                 }
-                st.recv = Some(op);
             }
             Sqe::Send {
                 buf, start, end, ..
@@ -315,11 +349,38 @@ impl Core {
         self.parked.insert(user_data, fd);
     }
 
+    /// Tries a read at once where `fd` (state index `i`) is believed readable; true if it
+    /// was parked.
+    fn push_recv(&mut self, fd: RawFd, i: usize, mut op: RecvOp) -> bool {
+        let st = &mut self.fds[i];
+        if st.recv.is_some() {
+            debug_assert!(false, "a second Recv on fd {fd}");
+            self.ready
+                .push(cqe(op.user_data, -libc::EBUSY, op.into_buf()));
+            return false;
+        }
+        if st.readable {
+            match op.attempt(fd, &mut self.pool) {
+                (Attempt::Done(res), room) => {
+                    st.readable = st.ended || !drained(res, room);
+                    self.ready.push(cqe(op.user_data, res, op.into_buf()));
+                    return false;
+                }
+                (Attempt::Again, _) => st.readable = false,
+            }
+        }
+        st.recv = Some(op);
+        true
+    }
+
     /// Completes an operation that could not start with `-errno`, handing its buffer back.
     fn fail(&mut self, user_data: u64, sqe: Sqe, errno: i32) {
         let buf = match sqe {
             Sqe::Recv { buf, .. } | Sqe::Send { buf, .. } => Some(buf),
-            Sqe::Accept { .. } | Sqe::Connect { .. } | Sqe::Cancel { .. } => None,
+            Sqe::RecvPooled { .. }
+            | Sqe::Accept { .. }
+            | Sqe::Connect { .. }
+            | Sqe::Cancel { .. } => None,
         };
         self.ready.push(cqe(user_data, -errno, buf));
     }
@@ -368,14 +429,13 @@ impl Core {
         if event.is_readable() || event.is_read_closed() || error {
             st.readable = true;
             if let Some(mut op) = st.recv.take() {
-                let room = op.buf.capacity() - op.buf.len();
-                match recv(fd, &mut op.buf) {
-                    Attempt::Done(res) => {
+                match op.attempt(fd, &mut self.pool) {
+                    (Attempt::Done(res), room) => {
                         st.readable = st.ended || !drained(res, room);
                         self.parked.remove(&op.user_data);
-                        self.ready.push(cqe(op.user_data, res, Some(op.buf)));
+                        self.ready.push(cqe(op.user_data, res, op.into_buf()));
                     }
-                    Attempt::Again => {
+                    (Attempt::Again, _) => {
                         st.readable = false;
                         st.recv = Some(op);
                     }
@@ -429,7 +489,7 @@ impl Core {
             return;
         };
         let cancelled = if st.recv.as_ref().is_some_and(|op| op.user_data == target) {
-            st.recv.take().map(|op| op.buf)
+            st.recv.take().and_then(RecvOp::into_buf)
         } else if st.send.as_ref().is_some_and(|op| op.user_data == target) {
             st.send.take().map(|op| op.buf)
         } else if st.connect == Some(target) {
@@ -463,7 +523,7 @@ impl Core {
             "fd {fd} closed with an operation in flight"
         );
         let parked = [
-            st.recv.map(|op| (op.user_data, Some(op.buf))),
+            st.recv.map(|op| (op.user_data, op.into_buf())),
             st.send.map(|op| (op.user_data, Some(op.buf))),
             st.connect.map(|u| (u, None)),
             st.accept.map(|u| (u, None)),
@@ -506,11 +566,11 @@ fn with_socket<R>(fd: RawFd, f: impl FnOnce(&SockRef<'_>) -> R) -> R {
     f(&SockRef::from(&borrowed))
 }
 
-/// One read into `buf`'s spare capacity, appended after its bytes.
-fn recv(fd: RawFd, buf: &mut Vec<u8>) -> Attempt {
+/// One read of at most `max` bytes into `buf`'s spare capacity, appended after its bytes.
+fn recv(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Attempt {
     loop {
         let spare = buf.spare_capacity_mut();
-        let room = spare.len().min(MAX_IO);
+        let room = spare.len().min(max).min(MAX_IO);
         match with_socket(fd, |s| s.recv(&mut spare[..room])) {
             Ok(n) => {
                 // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity, and
@@ -635,6 +695,7 @@ mod tests {
     use socket2::{Domain, SockRef, Socket, Type};
 
     use super::{Backend, Cqe, Epoll, Sqe};
+    use crate::driver::conformance;
 
     /// How long a test waits for a completion before it fails.
     const PATIENCE: Duration = Duration::from_secs(10);
@@ -702,6 +763,21 @@ mod tests {
             std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
         let line = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
         i32::from_str_radix(line.trim(), 8).unwrap()
+    }
+
+    #[test]
+    fn pooled_recv_hands_over_a_pool_buffer() {
+        conformance::pooled_recv_hands_over_a_pool_buffer(&mut Epoll::new().unwrap());
+    }
+
+    #[test]
+    fn pooled_recv_without_bytes_hands_over_nothing() {
+        conformance::pooled_recv_without_bytes_hands_over_nothing(&mut Epoll::new().unwrap());
+    }
+
+    #[test]
+    fn a_burst_of_pooled_reads_all_complete() {
+        conformance::a_burst_of_pooled_reads_all_complete(&mut Epoll::new().unwrap(), 9);
     }
 
     #[test]

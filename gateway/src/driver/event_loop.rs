@@ -526,9 +526,21 @@ impl<B: Backend> Io for SlotIo<'_, B> {
         self.now
     }
 
-    fn recv(&mut self, side: Side, buf: Vec<u8>) {
-        debug_assert!(buf.capacity() > buf.len(), "a read needs room");
-        self.push(op_bit(side, OpKind::Recv), side, |fd| Sqe::Recv { fd, buf });
+    fn recv(&mut self, side: Side, mut buf: Vec<u8>, len: usize) {
+        let op = op_bit(side, OpKind::Recv);
+        if buf.is_empty() {
+            // Nothing to append to: the read takes a pool buffer when bytes arrive.
+            self.backend.recycle(buf);
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            self.push(op, side, |fd| Sqe::RecvPooled { fd, len });
+        } else {
+            buf.reserve(len.max(1));
+            self.push(op, side, |fd| Sqe::Recv { fd, buf });
+        }
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        self.backend.recycle(buf);
     }
 
     fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {

@@ -15,6 +15,8 @@ use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
+#[cfg(test)]
+mod conformance;
 pub(crate) mod epoll;
 pub(crate) mod event_loop;
 pub(crate) mod uring;
@@ -36,6 +38,16 @@ pub(crate) enum Sqe {
         fd: RawFd,
         /// Where the bytes go; must have spare capacity.
         buf: Vec<u8>,
+    },
+    /// One read of at most `len` bytes into a buffer of the backend's [`BufPool`], taken only
+    /// when the bytes arrive: a socket waiting for input holds no buffer. The completion hands
+    /// the buffer over when bytes were read (`None` otherwise); it comes back to the pool
+    /// through [`Backend::recycle`].
+    RecvPooled {
+        /// The socket.
+        fd: RawFd,
+        /// The most bytes to read (capped at [`POOL_BUF`]).
+        len: u32,
     },
     /// One write of `buf[start..end]`; it may be short (the result says how much went).
     Send {
@@ -71,7 +83,7 @@ pub(crate) struct Cqe {
     /// Bytes moved (0 for a connect); for an accept, 0 and the socket in `accepted`; a
     /// negative errno on failure.
     pub(crate) result: i32,
-    /// The buffer a `Recv` or `Send` was lent.
+    /// The buffer a `Recv` or `Send` was lent, or the pool's buffer a `RecvPooled` filled.
     pub(crate) buf: Option<Vec<u8>>,
     /// An accepted socket, non-blocking and close-on-exec.
     pub(crate) accepted: Option<OwnedFd>,
@@ -99,6 +111,44 @@ pub(crate) trait Backend {
     /// Closes a socket none of whose operations is in flight (the epoll backend forgets it
     /// first).
     fn close(&mut self, fd: OwnedFd);
+
+    /// Takes back a buffer for the read pool: one a `RecvPooled` handed out, or any other of
+    /// the pool's size. Others are freed.
+    fn recycle(&mut self, buf: Vec<u8>);
+}
+
+/// The size of a pooled read buffer: `limits.write_buffer`'s default, the most the relay reads
+/// at once by default. Only the pages a read touches become resident.
+pub(crate) const POOL_BUF: usize = 64 << 10;
+
+/// Free buffers a core keeps for its pooled reads, beyond those lent to the kernel: enough for
+/// a burst of reads to find buffers without allocating; more are freed when they come back.
+pub(crate) const POOL_FREE: usize = 256;
+
+/// One core's free read buffers, each [`POOL_BUF`] bytes: reads that wait for input take one
+/// only when bytes arrive, and machines give them back once their bytes are written, so
+/// steady traffic allocates nothing and an idle connection holds no buffer.
+#[derive(Debug, Default)]
+pub(crate) struct BufPool {
+    /// Empty buffers of [`POOL_BUF`] capacity.
+    free: Vec<Vec<u8>>,
+}
+
+impl BufPool {
+    /// An empty buffer of [`POOL_BUF`] capacity.
+    pub(crate) fn take(&mut self) -> Vec<u8> {
+        self.free
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(POOL_BUF))
+    }
+
+    /// Keeps `buf` for a later read if it is one of the pool's and the pool has room.
+    pub(crate) fn put(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() == POOL_BUF && self.free.len() < POOL_FREE {
+            buf.clear();
+            self.free.push(buf);
+        }
+    }
 }
 
 /// Which backend runs the data plane.

@@ -11,22 +11,32 @@
 //! slot that has since been reused cannot hit the newcomer); the slot remembers the loop's
 //! own user data. Waiting is one `io_uring_enter` that submits and waits; nothing goes through
 //! epoll.
+//!
+//! Pooled reads (`Sqe::RecvPooled`) go through a provided-buffer ring: the kernel takes a buffer
+//! from it only when bytes arrive, so a connection waiting for input lends it none. Each buffer
+//! the ring names is owned by [`BufRing`] until a completion reports its id; then it is handed
+//! out and the ring gets a fresh one in its place before the next submission. A read that finds
+//! the ring empty (`ENOBUFS`, a burst larger than the ring between two reaps) is queued again
+//! after the refill: backpressure, never an error a connection sees.
 #![expect(
     unsafe_code,
     reason = "io_uring: the kernel reads and writes buffers through raw pointers in submission \
               entries, and hands accepted sockets back as raw fds; each block says why it is sound"
 )]
 
+use std::alloc::Layout;
 use std::collections::VecDeque;
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use socket2::SockAddr;
 
-use super::{Backend, Cqe, Sqe};
+use super::{Backend, BufPool, Cqe, POOL_BUF, Sqe};
 
 /// Ring user data of the cancels this backend issues, whose completions are swallowed. No slot
 /// has it: slot indices stay below `u32::MAX`.
@@ -45,6 +55,14 @@ const SETUP_NONE: &str = "none";
 /// leaking their buffers instead.
 const DROP_GRACE: Duration = Duration::from_secs(1);
 
+/// Buffers in a core's provided-buffer ring: how many pooled reads can complete between two
+/// reaps before one waits for a refill. Each is [`POOL_BUF`] bytes of address space, resident
+/// only where reads touched it.
+pub(crate) const RING_BUFS: u16 = 256;
+
+/// The buffer group id of the provided-buffer ring (one per io_uring instance).
+const BGID: u16 = 0;
+
 /// An io_uring ring and the operations in flight on it.
 pub(crate) struct Uring {
     /// The ring.
@@ -56,6 +74,14 @@ pub(crate) struct Uring {
     /// Entries that found the submission queue full and could not be submitted to make room;
     /// [`Backend::wait`] queues them (in order) before it waits.
     backlog: VecDeque<squeue::Entry>,
+    /// The buffers pooled reads pick from.
+    bufs: BufRing,
+    /// Pooled reads that found the ring empty, pushed again once it is refilled.
+    starved: Vec<(u64, RawFd, u32)>,
+    /// How many pooled reads found the ring empty, ever (for tests and curiosity).
+    enobufs: u64,
+    /// The ring is being dropped: nothing new is submitted.
+    closing: bool,
     /// Not `Send`: with `SINGLE_ISSUER` only the thread that created the ring may enter it.
     _thread: PhantomData<*const ()>,
 }
@@ -64,6 +90,11 @@ impl Uring {
     /// Sets up a ring with `entries` submission slots on the calling thread, which is the only
     /// one that may use it, with the best task-running mode the kernel accepts.
     pub(crate) fn new(entries: u32) -> io::Result<Self> {
+        Self::with_bufs(entries, RING_BUFS)
+    }
+
+    /// [`Uring::new`] with `bufs` (a power of two) buffers in the provided-buffer ring.
+    pub(crate) fn with_bufs(entries: u32, bufs: u16) -> io::Result<Self> {
         let (ring, setup) = build(entries)?;
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::new(
@@ -71,11 +102,16 @@ impl Uring {
                 "io_uring without IORING_FEAT_EXT_ARG (kernel before 5.11): no timed wait",
             ));
         }
+        let bufs = BufRing::register(&ring, bufs)?;
         Ok(Self {
             ring,
             setup,
             slab: Slab::default(),
             backlog: VecDeque::new(),
+            bufs,
+            starved: Vec::new(),
+            enobufs: 0,
+            closing: false,
             _thread: PhantomData,
         })
     }
@@ -123,15 +159,40 @@ impl Uring {
         }
     }
 
-    /// Hands every completion in the completion queue to `out`, freeing finished slots.
+    /// Hands every completion in the completion queue to `out`, freeing finished slots, then
+    /// refills the buffer ring and queues again the pooled reads that found it empty.
     fn drain(&mut self, out: &mut Vec<Cqe>) {
-        let Self { ring, slab, .. } = self;
+        let Self {
+            ring,
+            slab,
+            bufs,
+            starved,
+            ..
+        } = self;
         for cqe in ring.completion() {
             if cqe.user_data() == CANCEL {
                 continue;
             }
-            if let Some(done) = slab.complete(cqe.user_data(), cqe.result(), cqe.flags()) {
-                out.push(done);
+            match slab.complete(cqe.user_data(), cqe.result(), cqe.flags(), bufs) {
+                Some(Done::Cqe(done)) => out.push(done),
+                Some(Done::Starved(user_data, fd, len)) => starved.push((user_data, fd, len)),
+                None => {}
+            }
+        }
+        self.bufs.publish();
+        self.enobufs += self.starved.len() as u64;
+        for (user_data, fd, len) in std::mem::take(&mut self.starved) {
+            if self.closing {
+                // Dropping the ring: a read that never started just ends.
+                out.push(Cqe {
+                    user_data,
+                    result: -libc::ECANCELED,
+                    buf: None,
+                    accepted: None,
+                    more: false,
+                });
+            } else {
+                self.push(user_data, Sqe::RecvPooled { fd, len });
             }
         }
     }
@@ -150,6 +211,10 @@ impl Backend for Uring {
                 debug_assert!(buf.capacity() > buf.len(), "a recv needs spare capacity");
                 Op::Recv { fd, buf }
             }
+            Sqe::RecvPooled { fd, len } => Op::RecvPooled {
+                fd,
+                len: len.clamp(1, op_len(POOL_BUF)),
+            },
             Sqe::Send {
                 fd,
                 buf,
@@ -202,13 +267,19 @@ impl Backend for Uring {
     fn close(&mut self, fd: OwnedFd) {
         drop(fd);
     }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        self.bufs.pool.put(buf);
+    }
 }
 
 impl Drop for Uring {
     /// Cancels what is still in flight and waits (briefly) for it, so that no buffer is freed
     /// while the kernel may still write into it; what does not come back in time is leaked.
     fn drop(&mut self) {
+        self.closing = true;
         if self.slab.in_flight() == 0 {
+            drop(self.ring.submitter().unregister_buf_ring(BGID));
             return;
         }
         for index in 0..self.slab.slots.len() {
@@ -228,6 +299,142 @@ impl Drop for Uring {
         if self.slab.in_flight() > 0 {
             // The kernel may still reach these buffers after the ring is closed.
             std::mem::forget(std::mem::take(&mut self.slab.slots));
+            self.bufs.leak();
+        } else {
+            // Nothing can pick a buffer any more: the ring's memory may go.
+            drop(self.ring.submitter().unregister_buf_ring(BGID));
+        }
+    }
+}
+
+/// A provided-buffer ring: entries the kernel reads to pick a pooled read's buffer, and the
+/// buffers they name.
+struct BufRing {
+    /// The entries: `mask + 1` of them, page-aligned, registered with the kernel (which reads
+    /// them up to the tail, kept in the first entry's reserved field).
+    entries: NonNull<types::BufRingEntry>,
+    /// Index mask: entries are a power of two.
+    mask: u16,
+    /// The tail as written so far; [`BufRing::publish`] hands it to the kernel.
+    tail: u16,
+    /// The buffer each id names while the ring lends it (empty while handed out).
+    lent: Vec<Vec<u8>>,
+    /// Free buffers that refill the ring.
+    pool: BufPool,
+    /// The entries were leaked (the kernel may still read them): never freed.
+    leaked: bool,
+}
+
+impl BufRing {
+    /// The entries' allocation for `count` of them.
+    fn layout(count: u16) -> Layout {
+        let size = usize::from(count) * size_of::<types::BufRingEntry>();
+        Layout::from_size_align(size.max(4096), 4096).expect("a page-aligned layout")
+    }
+
+    /// Allocates `count` (a power of two) entries, fills each with a buffer and registers
+    /// them as group [`BGID`] of `ring`.
+    fn register(ring: &IoUring, count: u16) -> io::Result<Self> {
+        assert!(
+            count.is_power_of_two(),
+            "a buffer ring holds a power of two"
+        );
+        let layout = Self::layout(count);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        #[expect(
+            clippy::cast_ptr_alignment,
+            reason = "the layout is page-aligned, more than an entry needs"
+        )]
+        let entries = raw.cast::<types::BufRingEntry>();
+        let Some(entries) = NonNull::new(entries) else {
+            std::alloc::handle_alloc_error(layout);
+        };
+        let mut bufs = Self {
+            entries,
+            mask: count - 1,
+            tail: 0,
+            lent: (0..count).map(|_| Vec::new()).collect(),
+            pool: BufPool::default(),
+            leaked: false,
+        };
+        // SAFETY: `entries` is a zeroed, page-aligned allocation of `count` entries that lives
+        // until after the group is unregistered (`Uring`'s drop) or is leaked with the ring.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                entries.as_ptr() as u64,
+                count,
+                BGID,
+                0,
+            )?;
+        }
+        for bid in 0..count {
+            let buf = bufs.pool.take();
+            bufs.provide(bid, buf);
+        }
+        bufs.publish();
+        Ok(bufs)
+    }
+
+    /// Writes an entry naming `buf` as buffer `bid` at the tail (published later).
+    fn provide(&mut self, bid: u16, mut buf: Vec<u8>) {
+        debug_assert!(buf.is_empty() && buf.capacity() == POOL_BUF);
+        let at = usize::from(self.tail & self.mask);
+        // SAFETY: `at` is within the allocation. The kernel reads only entries between its
+        // head and the published tail; the entry at our unpublished tail is not among them,
+        // since at most `mask` published entries are unconsumed (every id in the ring is
+        // distinct and `bid` was consumed). Writing through the raw pointer leaves the
+        // reserved field (the tail, in entry 0) alone.
+        let entry = unsafe { &mut *self.entries.as_ptr().add(at) };
+        entry.set_addr(buf.as_mut_ptr() as u64);
+        entry.set_len(op_len(buf.capacity()));
+        entry.set_bid(bid);
+        self.lent[usize::from(bid)] = buf;
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Hands the entries written so far to the kernel.
+    fn publish(&self) {
+        // SAFETY: `entries` is the ring's first entry, initialised (zeroed) at allocation, and
+        // its reserved field is the shared tail, which the kernel only reads: an atomic store
+        // with release ordering makes the entries written before it visible first.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.entries.as_ptr()).cast::<AtomicU16>();
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// Takes the buffer the kernel filled with `len` bytes as id `bid` and puts a fresh one
+    /// in its place.
+    fn take(&mut self, bid: u16, len: usize) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.lent[usize::from(bid)]);
+        assert!(
+            len <= buf.capacity(),
+            "the kernel read more than a ring buffer holds"
+        );
+        // SAFETY: the completion says the kernel wrote `len` bytes at the start of this
+        // buffer, which the ring lent it; the assert keeps them within its capacity.
+        unsafe { buf.set_len(len) };
+        let fresh = self.pool.take();
+        self.provide(bid, fresh);
+        buf
+    }
+
+    /// Gives up the entries and buffers for good: the kernel may still use them.
+    fn leak(&mut self) {
+        self.leaked = true;
+        std::mem::forget(std::mem::take(&mut self.lent));
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        if !self.leaked {
+            // SAFETY: allocated in `register` with this layout; the group was unregistered
+            // (or the ring closed) with nothing in flight, so the kernel reads it no more.
+            unsafe {
+                std::alloc::dealloc(self.entries.as_ptr().cast(), Self::layout(self.mask + 1));
+            }
         }
     }
 }
@@ -301,6 +508,13 @@ enum Op {
         /// The kernel writes past its length.
         buf: Vec<u8>,
     },
+    /// A recv into a buffer the kernel picks from the ring when bytes arrive.
+    RecvPooled {
+        /// The socket.
+        fd: RawFd,
+        /// The most bytes to read.
+        len: u32,
+    },
     /// A send of `buf[start..end]`.
     Send {
         /// The socket.
@@ -336,6 +550,12 @@ impl Op {
                     op_len(spare.len()),
                 )
                 .build()
+            }
+            Self::RecvPooled { fd, len } => {
+                opcode::Recv::new(types::Fd(*fd), std::ptr::null_mut(), *len)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
             }
             Self::Send {
                 fd,
@@ -425,8 +645,9 @@ impl Slab {
     }
 
     /// Turns the kernel's completion of `key` into the loop's, freeing the slot unless the
-    /// operation goes on (a multishot accept with `more`).
-    fn complete(&mut self, key: u64, result: i32, flags: u32) -> Option<Cqe> {
+    /// operation goes on (a multishot accept with `more`); a buffer the kernel picked from
+    /// `bufs` is handed out with it.
+    fn complete(&mut self, key: u64, result: i32, flags: u32, bufs: &mut BufRing) -> Option<Done> {
         let more = cqueue::more(flags);
         let Some(slot) = self.slot(key) else {
             debug_assert!(false, "completion for no operation: {key:#x}");
@@ -477,11 +698,33 @@ impl Slab {
                 }
                 cqe.buf = Some(buf);
             }
+            Some(Op::RecvPooled { fd, len }) => {
+                if result == -libc::ENOBUFS {
+                    return Some(Done::Starved(user_data, fd, len));
+                }
+                if let Some(bid) = cqueue::buffer_select(flags) {
+                    let buf = bufs.take(bid, usize::try_from(result).unwrap_or(0));
+                    if result > 0 {
+                        cqe.buf = Some(buf);
+                    } else {
+                        bufs.pool.put(buf);
+                    }
+                }
+            }
             Some(Op::Send { buf, .. }) => cqe.buf = Some(buf),
             Some(Op::Connect { .. }) => {}
         }
-        Some(cqe)
+        Some(Done::Cqe(cqe))
     }
+}
+
+/// What a kernel completion comes to.
+#[derive(Debug)]
+enum Done {
+    /// The loop's completion.
+    Cqe(Cqe),
+    /// A pooled read found the ring empty: (user data, socket, length) to push again.
+    Starved(u64, RawFd, u32),
 }
 
 #[cfg(test)]
@@ -492,6 +735,7 @@ mod tests {
     use std::thread;
 
     use super::*;
+    use crate::driver::conformance;
 
     /// Waits until `n` completions have come (or fails after five seconds).
     fn collect(ring: &mut Uring, n: usize) -> Vec<Cqe> {
@@ -820,6 +1064,47 @@ mod tests {
             assert_eq!(cqe.user_data, i as u64);
             assert_eq!(cqe.buf.unwrap(), format!("message {i}").as_bytes());
         }
+    }
+
+    #[test]
+    fn pooled_recv_hands_over_a_pool_buffer() {
+        let mut ring = Uring::with_bufs(8, 2).unwrap();
+        conformance::pooled_recv_hands_over_a_pool_buffer(&mut ring);
+    }
+
+    #[test]
+    fn pooled_recv_without_bytes_hands_over_nothing() {
+        let mut ring = Uring::with_bufs(8, 2).unwrap();
+        conformance::pooled_recv_without_bytes_hands_over_nothing(&mut ring);
+    }
+
+    #[test]
+    fn a_burst_larger_than_the_buffer_ring_waits_for_buffers() {
+        let mut ring = Uring::with_bufs(32, 2).unwrap();
+        conformance::a_burst_of_pooled_reads_all_complete(&mut ring, 9);
+        assert!(ring.enobufs > 0, "no read found the ring empty");
+        assert_eq!(ring.slab.in_flight(), 0);
+    }
+
+    #[test]
+    fn dropping_the_ring_with_a_pooled_read_in_flight() {
+        let (_peer, ours) = conformance::pair();
+        let mut ring = Uring::with_bufs(8, 4).unwrap();
+        ring.push(
+            1,
+            Sqe::RecvPooled {
+                fd: ours.as_raw_fd(),
+                len: 64,
+            },
+        );
+        assert_quiet(&mut ring, Duration::ZERO);
+        let start = Instant::now();
+        drop(ring);
+        assert!(
+            start.elapsed() < DROP_GRACE,
+            "drop waited {:?}",
+            start.elapsed()
+        );
     }
 
     #[test]

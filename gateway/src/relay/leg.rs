@@ -180,12 +180,12 @@ impl Leg {
         self.shutdown(io, Shutdown::Both);
     }
 
-    /// Starts a read of at least `min_spare` bytes into `buf`.
-    pub(crate) fn recv(&mut self, io: &mut dyn Io, mut buf: Vec<u8>, min_spare: usize) {
+    /// Starts a read of up to `len` bytes (or more, into room `buf` already has) after `buf`'s
+    /// bytes.
+    pub(crate) fn recv(&mut self, io: &mut dyn Io, buf: Vec<u8>, len: usize) {
         debug_assert!(!self.recv, "one read per leg");
-        buf.reserve(min_spare);
         self.recv = true;
-        io.recv(self.side, buf);
+        io.recv(self.side, buf, len);
     }
 
     /// A read came back: `n` bytes (0 or an error: none) arrived at `now`.
@@ -624,13 +624,16 @@ pub(crate) mod testio {
         fn now(&self) -> Instant {
             self.now
         }
-        fn recv(&mut self, side: Side, buf: Vec<u8>) {
-            assert!(buf.capacity() > buf.len(), "a read needs spare capacity");
+        fn recv(&mut self, side: Side, mut buf: Vec<u8>, len: usize) {
+            assert!(len > 0, "a read needs room");
+            buf.reserve(len);
             assert!(
                 self.recvs[ix(side)].replace(buf).is_none(),
                 "two reads on {side:?}"
             );
         }
+        fn recycle(&mut self, _buf: Vec<u8>) {}
+
         fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {
             assert!(
                 start < end && end <= buf.len(),

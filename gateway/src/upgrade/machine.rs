@@ -22,7 +22,7 @@ use crate::config::reload::{Generation, PoolRuntime};
 use crate::config::{Balance, Config, Route, Upstream};
 use crate::conn::{
     CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, UpgradeStep, Upgraded, compact,
-    route_name, settings,
+    route_name, settings, unpool,
 };
 use crate::metrics::CoreMetrics;
 use crate::policy::Refusal;
@@ -377,7 +377,7 @@ impl Upgrade {
         let state = match admitted {
             Ok(admitted) => {
                 let deadline = Deadline::at(io, conn.started + limits.handshake_timeout);
-                io.recv(Side::Client, Vec::with_capacity(HEAD_READ));
+                io.recv(Side::Client, Vec::new(), HEAD_READ);
                 State::Reading { admitted, deadline }
             }
             Err(refusal) => {
@@ -401,6 +401,7 @@ impl Upgrade {
         let state = std::mem::replace(&mut self.state, State::Done);
         let next = match event {
             Event::Received { side, buf, result } => {
+                let buf = unpool(io, buf);
                 self.conn.received(state, side, buf, &result, ctx, io)
             }
             Event::Sent { side, buf, result } => self.conn.sent(state, side, buf, &result, ctx, io),
@@ -458,8 +459,7 @@ impl Conn {
                         return Next::Finished;
                     }
                     buf.clear();
-                    buf.reserve(HEAD_READ);
-                    io.recv(Side::Client, buf);
+                    io.recv(Side::Client, buf, HEAD_READ);
                     Next::Wait(State::Lingering { taken, deadline })
                 }
                 _ => Next::Finished,
@@ -483,8 +483,7 @@ impl Conn {
                 };
                 match answer {
                     Ok(None) => {
-                        buf.reserve(HEAD_READ);
-                        io.recv(Side::Backend, buf);
+                        io.recv(Side::Backend, buf, HEAD_READ);
                         Next::Wait(State::Answering {
                             attempt,
                             leg,
@@ -551,8 +550,7 @@ impl Conn {
                 let limits = &self.config().global_limits.head_limits;
                 return match handshake::parse_request(&buf, limits) {
                     Ok(None) => {
-                        buf.reserve(HEAD_READ);
-                        io.recv(Side::Client, buf);
+                        io.recv(Side::Client, buf, HEAD_READ);
                         Next::Wait(State::Reading { admitted, deadline })
                     }
                     Ok(Some((req, consumed))) => {
@@ -612,7 +610,7 @@ impl Conn {
                         // A FIN after the answer, so the client reads it and an EOF at once.
                         io.shutdown(Side::Client, Shutdown::Write);
                         let deadline = Deadline::after(io, REFUSAL_LINGER);
-                        io.recv(Side::Client, Vec::with_capacity(HEAD_READ));
+                        io.recv(Side::Client, Vec::new(), HEAD_READ);
                         Next::Wait(State::Lingering { taken: 0, deadline })
                     }
                 }
@@ -662,8 +660,7 @@ impl Conn {
                     Wrote::Whole(mut buf) => {
                         // The request's buffer takes the answer.
                         buf.clear();
-                        buf.reserve(HEAD_READ);
-                        io.recv(Side::Backend, buf);
+                        io.recv(Side::Backend, buf, HEAD_READ);
                         Next::Wait(State::Answering {
                             attempt,
                             leg,
@@ -1048,15 +1045,14 @@ fn rejection_body(
     leg: Leg,
     status: u16,
     deadline: Deadline,
-    mut buf: Vec<u8>,
+    buf: Vec<u8>,
     ctx: &CoreCtx,
     io: &mut dyn Io,
 ) -> Next {
     if buf.len() >= MAX_REJECTION {
         return pass_rejection(attempt, leg, status, buf, ctx, io);
     }
-    buf.reserve(BODY_READ);
-    io.recv(Side::Backend, buf);
+    io.recv(Side::Backend, buf, BODY_READ);
     Next::Wait(State::Rejected {
         attempt,
         leg,
@@ -1311,10 +1307,13 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
             self.now
         }
 
-        fn recv(&mut self, side: Side, buf: Vec<u8>) {
-            assert!(buf.capacity() > buf.len(), "a read needs room");
+        fn recv(&mut self, side: Side, mut buf: Vec<u8>, len: usize) {
+            assert!(len > 0, "a read needs room");
+            buf.reserve(len);
             self.push(Op::Recv(side, buf));
         }
+
+        fn recycle(&mut self, _buf: Vec<u8>) {}
 
         fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {
             assert!(
