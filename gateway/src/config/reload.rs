@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
 use crate::config::{Config, LoadError, Pool};
+use crate::conn::{Settings, settings};
 use crate::metrics::{BackendRow, BackendStats, Metrics};
 use crate::upgrade::admission::Admission;
 use crate::upstream::balance::PoolState;
@@ -24,6 +25,15 @@ pub(crate) struct PoolRuntime {
 pub(crate) struct Generation {
     pub(crate) config: Config,
     pub(crate) pools: Vec<PoolRuntime>,
+    /// Each route's connection settings, without and with permessage-deflate.
+    pub(crate) settings: Vec<[Arc<Settings>; 2]>,
+}
+
+impl Generation {
+    /// The settings of `route`'s connections.
+    pub(crate) fn settings(&self, route: usize, deflate: bool) -> Arc<Settings> {
+        Arc::clone(&self.settings[route][usize::from(deflate)])
+    }
 }
 
 /// Who asked for a reload (the `via` field of its log line).
@@ -229,7 +239,16 @@ fn build(config: Config, old: Option<&Generation>) -> Generation {
             }
         })
         .collect();
-    Generation { config, pools }
+    let settings = config
+        .routes
+        .iter()
+        .map(|route| [false, true].map(|deflate| Arc::new(settings(&config, route, deflate))))
+        .collect();
+    Generation {
+        config,
+        pools,
+        settings,
+    }
 }
 
 fn same_backends(a: &Pool, b: &Pool) -> bool {

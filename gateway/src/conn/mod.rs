@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use codec::CloseCode;
 
-use crate::config::Route;
 use crate::config::reload::{Generation, Shared};
+use crate::config::{Config, Route};
 use crate::metrics::CoreMetrics;
 use crate::relay::keepalive::{Keepalive, WriteTimeout};
 use crate::relay::lifecycle::Side;
@@ -137,8 +137,16 @@ pub(crate) struct Upgraded {
     pub(crate) client_input: Vec<u8>,
     /// Bytes the backend sent after its `101` (empty for the echo).
     pub(crate) backend_input: Vec<u8>,
-    /// The connection's settings (the route's limits, deflate as negotiated).
-    pub(crate) settings: Settings,
+    /// What the relaying phase keeps until the connection ends.
+    pub(crate) kept: Kept,
+}
+
+/// What a relaying machine keeps of its upgrade until the connection ends, inline in the
+/// machine, so that an idle connection is one allocation.
+pub(crate) struct Kept {
+    /// The connection's settings (the route's limits, deflate as negotiated), shared with
+    /// the route's other connections.
+    pub(crate) settings: Arc<Settings>,
     /// For the access log line written when the connection ends.
     pub(crate) log: LogLine,
     /// The connection's admission slot, held until it ends.
@@ -218,11 +226,11 @@ impl Conn {
                 drop(upgrade);
                 match upgraded.phase {
                     Phase::Echo => {
-                        let (echo, status) = crate::relay::echo::Echo::start(upgraded, ctx, io);
+                        let (echo, status) = crate::relay::echo::Echo::start(*upgraded, ctx, io);
                         (status == Status::Running).then(|| Self::Echo(Box::new(echo)))
                     }
                     Phase::Relay => {
-                        let (relay, status) = crate::relay::Relay::start(upgraded, ctx, io);
+                        let (relay, status) = crate::relay::Relay::start(*upgraded, ctx, io);
                         (status == Status::Running).then(|| Self::Relay(Box::new(relay)))
                     }
                 }
@@ -273,23 +281,28 @@ pub(crate) struct Outcome {
     pub(crate) reason: Option<&'static str>,
 }
 
-/// What the access log line of a connection needs.
+/// What the access log line of a connection needs. Route and backend are named through the
+/// configuration generation that routed the connection, at the end, so that an idle
+/// connection keeps indices instead of strings.
 pub(crate) struct LogLine {
     /// The client's address.
     pub(crate) client: SocketAddr,
     /// The request's (normalised) path.
-    pub(crate) path: String,
-    /// The route that took the request: `host/path_prefix`, or `path_prefix` for any host.
-    pub(crate) route: String,
-    /// The backend's address, or `echo`.
-    pub(crate) backend: String,
+    pub(crate) path: Box<str>,
+    /// The configuration the connection was routed by.
+    pub(crate) generation: Arc<Generation>,
+    /// The route that took the request, in `generation`.
+    pub(crate) route: u32,
+    /// The backend, as (pool, backend) indices in `generation`; `None` for the echo.
+    pub(crate) backend: Option<(u32, u32)>,
     /// When the connection was accepted.
     pub(crate) started: Instant,
 }
 
-/// The per-connection settings a generation implies.
-pub(crate) fn settings(generation: &Generation) -> Settings {
-    let t = &generation.config.timeouts;
+/// The per-connection settings a configuration implies for `route`, with permessage-deflate
+/// negotiated or not. Built once per route and generation, and shared by its connections.
+pub(crate) fn settings(config: &Config, route: &Route, deflate: bool) -> Settings {
+    let t = &config.timeouts;
     Settings {
         close_timeout: t.close,
         keepalive: Keepalive {
@@ -298,9 +311,9 @@ pub(crate) fn settings(generation: &Generation) -> Settings {
             idle: t.idle.unwrap_or(Duration::ZERO),
         },
         write_timeout: WriteTimeout::new(t.write.unwrap_or(Duration::ZERO)),
-        buffer: generation.config.global_limits.write_buffer.max(MIN_READ),
-        limits: generation.config.global_limits.message,
-        deflate: false,
+        buffer: config.global_limits.write_buffer.max(MIN_READ),
+        limits: route.limits,
+        deflate,
     }
 }
 
@@ -336,11 +349,15 @@ pub(crate) fn plain(status: u16, reason: &str, body: &str, extra_headers: &str) 
     .into_bytes()
 }
 
-/// A route as the access log names it.
-pub(crate) fn route_name(route: &Route) -> String {
-    match &route.host {
-        Some(host) => format!("{host}{}", route.path_prefix),
-        None => route.path_prefix.clone(),
+/// A route as the access log names it: `host/path_prefix`, or `path_prefix` for any host.
+pub(crate) struct RouteName<'a>(pub(crate) &'a Route);
+
+impl std::fmt::Display for RouteName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(host) = &self.0.host {
+            write!(f, "{host}")?;
+        }
+        f.write_str(&self.0.path_prefix)
     }
 }
 
@@ -355,16 +372,31 @@ fn log_close_code(o: &Outcome) -> u16 {
 }
 
 impl LogLine {
+    /// The route's name, as the log line shows it.
+    pub(crate) fn route_name(&self) -> RouteName<'_> {
+        RouteName(&self.generation.config.routes[self.route as usize])
+    }
+
+    /// The backend's address, or `echo`.
+    pub(crate) fn backend_name(&self) -> String {
+        match self.backend {
+            Some((pool, i)) => {
+                self.generation.config.pools[pool as usize].backends[i as usize].to_string()
+            }
+            None => String::from("echo"),
+        }
+    }
+
     /// Writes the connection's access log line.
     pub(crate) fn write(&self, o: &Outcome) {
         tracing::info!(
             client = %self.client,
-            path = self.path,
-            backend = self.backend,
+            path = &*self.path,
+            backend = self.backend_name(),
             duration_ms = self.started.elapsed().as_millis() as u64,
             bytes_in = o.bytes_in,
             bytes_out = o.bytes_out,
-            route = self.route,
+            route = self.route_name().to_string(),
             close_code = log_close_code(o),
             closed_by = o.closed_by.unwrap_or("gateway"),
             close_reason = o.reason.unwrap_or("connection lost"),

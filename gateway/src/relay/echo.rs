@@ -13,7 +13,7 @@ use codec::frame::Role;
 use super::leg::{
     Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
 };
-use crate::conn::{CoreCtx, Event, Io, Outcome, Settings, Status, Upgraded};
+use crate::conn::{CoreCtx, Event, Io, Kept, Outcome, Settings, Status, Upgraded};
 use crate::metrics::{CloseDirection, Direction};
 use crate::policy::GatewayClose;
 use crate::relay::forward::{Forwarder, Mode, Step};
@@ -73,7 +73,7 @@ struct GatewayClosed {
 /// A client upgraded onto the embedded echo.
 pub(crate) struct Echo {
     /// Settings, access log line, admission; taken (released) at the end.
-    up: Option<Box<Upgraded>>,
+    up: Option<Kept>,
     /// The client.
     leg: Leg,
     /// Client to client.
@@ -93,7 +93,7 @@ pub(crate) struct Echo {
 }
 
 /// The settings, present until the machine ends.
-fn settings(up: Option<&Upgraded>) -> &Settings {
+fn settings(up: Option<&Kept>) -> &Settings {
     &up.expect("an echo is only driven until it reports Done")
         .settings
 }
@@ -101,13 +101,16 @@ fn settings(up: Option<&Upgraded>) -> &Settings {
 impl Echo {
     /// Takes over an upgraded connection: echoes the bytes that came with the handshake,
     /// arms the read and the timer, and closes at once if the core is already draining.
-    pub(crate) fn start(mut up: Box<Upgraded>, ctx: &CoreCtx, io: &mut dyn Io) -> (Self, Status) {
+    pub(crate) fn start(up: Upgraded, ctx: &CoreCtx, io: &mut dyn Io) -> (Self, Status) {
         let now = io.now();
-        let s = up.settings;
+        let Upgraded {
+            client_input, kept, ..
+        } = up;
+        let s = *kept.settings;
         let fwd = Forwarder::new(Role::Server, s.limits, false, Mode::Echo);
-        let pump = Pump::new(fwd, std::mem::take(&mut up.client_input), s.buffer);
+        let pump = Pump::new(fwd, client_input, s.buffer);
         let mut echo = Self {
-            up: Some(up),
+            up: Some(kept),
             leg: Leg::new(Side::Client, now),
             pump,
             stage: Stage::Process,
@@ -131,7 +134,7 @@ impl Echo {
             return Status::Done;
         }
         let now = io.now();
-        let limit = settings(self.up.as_deref()).buffer;
+        let limit = settings(self.up.as_ref()).buffer;
         match event {
             Event::Received { buf, result, .. } => {
                 let more = self.pump.on_read(&mut self.leg, buf, &result, limit, now);
@@ -199,7 +202,7 @@ impl Echo {
     fn step_echo(&mut self, ctx: &CoreCtx, io: &mut dyn Io, now: Instant) -> bool {
         match &self.stage {
             Stage::Process => {
-                let limit = settings(self.up.as_deref()).buffer;
+                let limit = settings(self.up.as_ref()).buffer;
                 let (step, flush) = self.pump.process(limit, &ctx.metrics, &BOTH_WAYS);
                 if flush {
                     self.stage = Stage::Flushing(step);
@@ -241,7 +244,7 @@ impl Echo {
                     // We failed the connection: FIN after our close, then give the client a
                     // bounded moment to answer and close its side before the socket goes.
                     self.leg.shutdown(io, Shutdown::Write);
-                    Stage::Draining(now + settings(self.up.as_deref()).close_timeout)
+                    Stage::Draining(now + settings(self.up.as_ref()).close_timeout)
                 } else {
                     Stage::Done
                 };
@@ -319,7 +322,7 @@ impl Echo {
     fn step_watch(&mut self, io: &mut dyn Io, now: Instant) -> bool {
         match self.watch {
             Watch::Closing if self.leg.settled() => {
-                self.watch = Watch::Waiting(now + settings(self.up.as_deref()).close_timeout);
+                self.watch = Watch::Waiting(now + settings(self.up.as_ref()).close_timeout);
             }
             Watch::Waiting(at) if now >= at => {
                 self.leg.shutdown(io, Shutdown::Both);
@@ -337,7 +340,7 @@ impl Echo {
     /// (the close timeout is the watchdog's, in [`Self::step_watch`]).
     fn on_timer(&mut self, io: &mut dyn Io, now: Instant) {
         self.timer = None;
-        let s = *settings(self.up.as_deref());
+        let s = *settings(self.up.as_ref());
         let mut aborted = false;
         if matches!(self.watch, Watch::Open | Watch::Closing)
             && self.leg.stalled(now, s.write_timeout)
@@ -363,7 +366,7 @@ impl Echo {
 
     /// Asks for the next deadline, unless an earlier request stands.
     fn arm(&mut self, io: &mut dyn Io, now: Instant) {
-        let s = settings(self.up.as_deref());
+        let s = settings(self.up.as_ref());
         let mut next = None;
         if matches!(self.watch, Watch::Open | Watch::Closing) {
             next = self.leg.write_check(now, s.write_timeout);
@@ -390,7 +393,7 @@ impl Echo {
             return;
         }
         if self.leg.close_decided() {
-            self.watch = Watch::Waiting(now + settings(self.up.as_deref()).close_timeout);
+            self.watch = Watch::Waiting(now + settings(self.up.as_ref()).close_timeout);
             return;
         }
         let close = why
@@ -449,7 +452,7 @@ mod tests {
         let ctx = ctx();
         let mut io = FakeIo::default();
         let up = upgraded(&ctx, Phase::Echo, settings(), input, Vec::new());
-        let (echo, status) = Echo::start(up, &ctx, &mut io);
+        let (echo, status) = Echo::start(*up, &ctx, &mut io);
         (ctx, io, echo, status)
     }
 

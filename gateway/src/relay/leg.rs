@@ -576,7 +576,7 @@ pub(crate) mod testio {
 
     use codec::frame::{Decoded, FrameHeader, OpCode, Role, write_frame};
 
-    use crate::conn::{CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, Upgraded};
+    use crate::conn::{CoreCtx, Event, Io, Kept, LogLine, OpKind, Phase, Settings, Upgraded};
     use crate::relay::keepalive::{Keepalive, WriteTimeout};
     use crate::relay::lifecycle::Side;
 
@@ -864,16 +864,19 @@ pub(crate) mod testio {
             phase,
             client_input,
             backend_input,
-            settings,
-            log: LogLine {
-                client,
-                path: String::from("/"),
-                route: String::from("/"),
-                backend: String::from("test"),
-                started: Instant::now(),
+            kept: Kept {
+                settings: std::sync::Arc::new(settings),
+                log: LogLine {
+                    client,
+                    path: Box::from("/"),
+                    generation: ctx.shared.current(),
+                    route: 0,
+                    backend: None,
+                    started: Instant::now(),
+                },
+                admitted,
+                active,
             },
-            admitted,
-            active,
         })
     }
 

@@ -21,8 +21,7 @@ use codec::handshake::{
 use crate::config::reload::{Generation, PoolRuntime};
 use crate::config::{Balance, Config, Route, Upstream};
 use crate::conn::{
-    CoreCtx, Event, Io, LogLine, OpKind, Phase, Settings, UpgradeStep, Upgraded, compact,
-    route_name, settings, unpool,
+    CoreCtx, Event, Io, Kept, LogLine, OpKind, Phase, UpgradeStep, Upgraded, compact, unpool,
 };
 use crate::metrics::CoreMetrics;
 use crate::policy::Refusal;
@@ -986,14 +985,12 @@ impl Conn {
 
     /// What the relaying phase takes over once the `101` is out.
     fn handover(&self, routed: Routed, backend: Option<Accepted>) -> Box<Upgraded> {
-        let cfg = self.config();
-        let route = &cfg.routes[routed.route];
         let (phase, backend_input, name, deflate, active) = match backend {
-            None => (Phase::Echo, Vec::new(), String::from("echo"), false, None),
+            None => (Phase::Echo, Vec::new(), None, false, None),
             Some(b) => (
                 Phase::Relay,
                 compact(b.leftover),
-                cfg.pools[b.pool].backends[b.index].to_string(),
+                Some((b.pool as u32, b.index as u32)),
                 b.deflate,
                 Some(b.active),
             ),
@@ -1002,20 +999,19 @@ impl Conn {
             phase,
             client_input: compact(routed.leftover),
             backend_input,
-            settings: Settings {
-                limits: route.limits,
-                deflate,
-                ..settings(&self.generation)
+            kept: Kept {
+                settings: self.generation.settings(routed.route, deflate),
+                log: LogLine {
+                    client: self.client,
+                    path: routed.req.path.into_boxed_str(),
+                    generation: Arc::clone(&self.generation),
+                    route: routed.route as u32,
+                    backend: name,
+                    started: self.started,
+                },
+                admitted: routed.admitted,
+                active,
             },
-            log: LogLine {
-                client: self.client,
-                path: routed.req.path,
-                route: route_name(route),
-                backend: name,
-                started: self.started,
-            },
-            admitted: routed.admitted,
-            active,
         })
     }
 }
@@ -1647,14 +1643,21 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
         assert_eq!(up.phase, Phase::Echo);
         assert_eq!(up.client_input, frame);
         assert!(up.backend_input.is_empty());
-        assert!(up.active.is_none());
-        assert_eq!(up.settings.limits.max_message, 4096, "the route's limits");
-        assert!(!up.settings.deflate);
+        assert!(up.kept.active.is_none());
         assert_eq!(
-            (&*up.log.path, &*up.log.route, &*up.log.backend),
+            up.kept.settings.limits.max_message, 4096,
+            "the route's limits"
+        );
+        assert!(!up.kept.settings.deflate);
+        assert_eq!(
+            (
+                &*up.kept.log.path,
+                &*up.kept.log.route_name().to_string(),
+                &*up.kept.log.backend_name()
+            ),
             ("/echo/x", "/echo", "echo")
         );
-        assert_eq!(up.log.started, started);
+        assert_eq!(up.kept.log.started, started);
         assert_eq!(h.ctx.shared.admission.total(), 1, "the slot goes with it");
         assert_eq!(h.upgrades(101), 1);
         drop(up);
@@ -1899,11 +1902,11 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
         assert_eq!(up.phase, Phase::Relay);
         assert_eq!(up.backend_input, greeting);
         assert_eq!(up.client_input, [0x89, 0x80, 9, 9, 9, 9]);
-        assert!(up.settings.deflate);
-        assert_eq!(&*up.log.backend, "ws://127.0.0.1:9001/app");
-        assert_eq!(&*up.log.route, "/chat");
-        assert_eq!(&*up.log.path, "/chat/room?x=1");
-        assert!(up.active.is_some());
+        assert!(up.kept.settings.deflate);
+        assert_eq!(up.kept.log.backend_name(), "ws://127.0.0.1:9001/app");
+        assert_eq!(up.kept.log.route_name().to_string(), "/chat");
+        assert_eq!(&*up.kept.log.path, "/chat/room?x=1");
+        assert!(up.kept.active.is_some());
         assert_eq!(h.backend(0), (0, 1));
         assert_eq!(h.upgrades(101), 1);
         drop(up);
