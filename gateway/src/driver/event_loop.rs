@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use codec::CloseCode;
 
 use crate::config::reload::Shared;
-use crate::conn::{Conn, CoreCtx, Event, Io, OpKind};
+use crate::conn::{Conn, CoreCtx, Event, Io, MIN_READ, OpKind};
 use crate::driver::{Backend, Cqe, Sqe};
 use crate::relay::lifecycle::Side;
 
@@ -291,6 +291,26 @@ impl<B: Backend> EventLoop<B> {
             // Cannot happen: a slot is reused only once nothing of its connection is in flight.
             debug_assert!(false, "completion for a finished operation: {cqe:?}");
             return;
+        }
+        if cqe.result == -libc::ENOBUFS && op & (CLIENT_RECV | BACKEND_RECV) != 0 {
+            // A pooled read found every buffer in use: it goes again (the backend refills its
+            // buffers first), as a smaller read, which the machine's bound allows.
+            let fd = if op == CLIENT_RECV {
+                &s.client
+            } else {
+                &s.backend
+            };
+            if let Some(fd) = fd.as_ref().map(AsRawFd::as_raw_fd) {
+                let sqe = match cqe.buf {
+                    Some(buf) => Sqe::Recv { fd, buf },
+                    None => Sqe::RecvPooled {
+                        fd,
+                        len: MIN_READ as u32,
+                    },
+                };
+                self.backend.push(cqe.user_data, sqe);
+                return;
+            }
         }
         s.inflight &= !op;
         let result = to_result(cqe.result);

@@ -42,7 +42,9 @@ pub(crate) enum Sqe {
     /// One read of at most `len` bytes into a buffer of the backend's [`BufPool`], taken only
     /// when the bytes arrive: a socket waiting for input holds no buffer. The completion hands
     /// the buffer over when bytes were read (`None` otherwise); it comes back to the pool
-    /// through [`Backend::recycle`].
+    /// through [`Backend::recycle`]. It may complete with `-ENOBUFS` when a burst found every
+    /// buffer in use: push it again (the backend refills before its next submission). Its
+    /// user data must have the top bit clear (io_uring marks pooled reads with it).
     RecvPooled {
         /// The socket.
         fd: RawFd,
@@ -123,7 +125,7 @@ pub(crate) const POOL_BUF: usize = 64 << 10;
 
 /// Free buffers a core keeps for its pooled reads, beyond those lent to the kernel: enough for
 /// a burst of reads to find buffers without allocating; more are freed when they come back.
-pub(crate) const POOL_FREE: usize = 256;
+pub(crate) const POOL_FREE: usize = 64;
 
 /// One core's free read buffers, each [`POOL_BUF`] bytes: reads that wait for input take one
 /// only when bytes arrive, and machines give them back once their bytes are written, so

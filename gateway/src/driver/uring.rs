@@ -13,11 +13,13 @@
 //! epoll.
 //!
 //! Pooled reads (`Sqe::RecvPooled`) go through a provided-buffer ring: the kernel takes a buffer
-//! from it only when bytes arrive, so a connection waiting for input lends it none. Each buffer
-//! the ring names is owned by [`BufRing`] until a completion reports its id; then it is handed
-//! out and the ring gets a fresh one in its place before the next submission. A read that finds
-//! the ring empty (`ENOBUFS`, a burst larger than the ring between two reaps) is queued again
-//! after the refill: backpressure, never an error a connection sees.
+//! from it only when bytes arrive, so a connection waiting for input lends it none, and they
+//! need no table slot either (their ring user data is the loop's own with [`POOLED`] set), so
+//! an idle connection costs this backend nothing. Each buffer the ring names is owned by
+//! [`BufRing`] until a completion reports its id; then it is handed out and the ring gets a
+//! fresh one in its place before the next submission. A read that finds the ring empty (a
+//! burst larger than the ring between two reaps) completes with `ENOBUFS`, which the loop
+//! answers by pushing it again: backpressure, never an error a connection sees.
 #![expect(
     unsafe_code,
     reason = "io_uring: the kernel reads and writes buffers through raw pointers in submission \
@@ -39,8 +41,16 @@ use socket2::SockAddr;
 use super::{Backend, BufPool, Cqe, POOL_BUF, Sqe};
 
 /// Ring user data of the cancels this backend issues, whose completions are swallowed. No slot
-/// has it: slot indices stay below `u32::MAX`.
+/// has it (table keys keep the top bit clear), nor a pooled read (loop slots stay far below
+/// 2^31 - 1).
 const CANCEL: u64 = u64::MAX;
+
+/// Set in the ring user data of a pooled read, which is otherwise the loop's own (whose top
+/// bit is clear: see [`Sqe::RecvPooled`]); table keys have it clear.
+const POOLED: u64 = 1 << 63;
+
+/// The generation bits of a table key (31, so that keys keep [`POOLED`] clear).
+const KEY_GENERATION: u32 = 0x7FFF_FFFF;
 
 /// [`Uring::setup`] when the kernel took `SINGLE_ISSUER` and `DEFER_TASKRUN` (6.1 and later):
 /// completion work runs only when this thread asks for completions.
@@ -58,7 +68,7 @@ const DROP_GRACE: Duration = Duration::from_secs(1);
 /// Buffers in a core's provided-buffer ring: how many pooled reads can complete between two
 /// reaps before one waits for a refill. Each is [`POOL_BUF`] bytes of address space, resident
 /// only where reads touched it.
-pub(crate) const RING_BUFS: u16 = 256;
+pub(crate) const RING_BUFS: u16 = 64;
 
 /// The buffer group id of the provided-buffer ring (one per io_uring instance).
 const BGID: u16 = 0;
@@ -76,12 +86,8 @@ pub(crate) struct Uring {
     backlog: VecDeque<squeue::Entry>,
     /// The buffers pooled reads pick from.
     bufs: BufRing,
-    /// Pooled reads that found the ring empty, pushed again once it is refilled.
-    starved: Vec<(u64, RawFd, u32)>,
-    /// How many pooled reads found the ring empty, ever (for tests and curiosity).
-    enobufs: u64,
-    /// The ring is being dropped: nothing new is submitted.
-    closing: bool,
+    /// Pooled reads in flight (they have no table slot).
+    pooled: usize,
     /// Not `Send`: with `SINGLE_ISSUER` only the thread that created the ring may enter it.
     _thread: PhantomData<*const ()>,
 }
@@ -109,9 +115,7 @@ impl Uring {
             slab: Slab::default(),
             backlog: VecDeque::new(),
             bufs,
-            starved: Vec::new(),
-            enobufs: 0,
-            closing: false,
+            pooled: 0,
             _thread: PhantomData,
         })
     }
@@ -147,54 +151,65 @@ impl Uring {
         true
     }
 
-    /// Cancels every in-flight operation pushed with `target` (at most one, by the loop's
-    /// rules). An operation that already completed has no slot, so nothing is sent for it.
+    /// Cancels the in-flight operation pushed with `target` (at most one, by the loop's
+    /// rules): the one in the table, else a pooled read (a cancel that finds nothing, because
+    /// the read already completed, does nothing).
     fn cancel(&mut self, target: u64) {
+        let mut found = false;
         for index in 0..self.slab.slots.len() {
             if let Some((key, user_data)) = self.slab.busy(index)
                 && user_data == target
             {
                 self.queue(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
+                found = true;
             }
+        }
+        if !found && self.pooled > 0 {
+            let entry = opcode::AsyncCancel::new(target | POOLED).build();
+            self.queue(entry.user_data(CANCEL));
         }
     }
 
     /// Hands every completion in the completion queue to `out`, freeing finished slots, then
-    /// refills the buffer ring and queues again the pooled reads that found it empty.
+    /// refills the buffer ring.
     fn drain(&mut self, out: &mut Vec<Cqe>) {
         let Self {
             ring,
             slab,
             bufs,
-            starved,
+            pooled,
             ..
         } = self;
         for cqe in ring.completion() {
-            if cqe.user_data() == CANCEL {
+            let (key, result) = (cqe.user_data(), cqe.result());
+            if key == CANCEL {
                 continue;
             }
-            match slab.complete(cqe.user_data(), cqe.result(), cqe.flags(), bufs) {
-                Some(Done::Cqe(done)) => out.push(done),
-                Some(Done::Starved(user_data, fd, len)) => starved.push((user_data, fd, len)),
-                None => {}
+            if key & POOLED == 0 {
+                if let Some(done) = slab.complete(key, result, cqe.flags()) {
+                    out.push(done);
+                }
+                continue;
             }
+            *pooled -= 1;
+            let mut done = Cqe {
+                user_data: key & !POOLED,
+                result,
+                buf: None,
+                accepted: None,
+                more: false,
+            };
+            if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                let buf = bufs.take(bid, usize::try_from(result).unwrap_or(0));
+                if result > 0 {
+                    done.buf = Some(buf);
+                } else {
+                    bufs.pool.put(buf);
+                }
+            }
+            out.push(done);
         }
         self.bufs.publish();
-        self.enobufs += self.starved.len() as u64;
-        for (user_data, fd, len) in std::mem::take(&mut self.starved) {
-            if self.closing {
-                // Dropping the ring: a read that never started just ends.
-                out.push(Cqe {
-                    user_data,
-                    result: -libc::ECANCELED,
-                    buf: None,
-                    accepted: None,
-                    more: false,
-                });
-            } else {
-                self.push(user_data, Sqe::RecvPooled { fd, len });
-            }
-        }
     }
 }
 
@@ -206,15 +221,22 @@ impl Backend for Uring {
     fn push(&mut self, user_data: u64, sqe: Sqe) {
         let op = match sqe {
             Sqe::Cancel { target } => return self.cancel(target),
+            Sqe::RecvPooled { fd, len } => {
+                debug_assert_eq!(user_data & POOLED, 0, "a pooled read's user data");
+                let len = len.clamp(1, op_len(POOL_BUF));
+                let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+                    .user_data(user_data | POOLED);
+                self.pooled += 1;
+                return self.queue(entry);
+            }
             Sqe::Accept { fd } => Op::Accept { fd },
             Sqe::Recv { fd, buf } => {
                 debug_assert!(buf.capacity() > buf.len(), "a recv needs spare capacity");
                 Op::Recv { fd, buf }
             }
-            Sqe::RecvPooled { fd, len } => Op::RecvPooled {
-                fd,
-                len: len.clamp(1, op_len(POOL_BUF)),
-            },
             Sqe::Send {
                 fd,
                 buf,
@@ -277,26 +299,23 @@ impl Drop for Uring {
     /// Cancels what is still in flight and waits (briefly) for it, so that no buffer is freed
     /// while the kernel may still write into it; what does not come back in time is leaked.
     fn drop(&mut self) {
-        self.closing = true;
-        if self.slab.in_flight() == 0 {
+        let in_flight = |ring: &Self| ring.slab.in_flight() + ring.pooled;
+        if in_flight(self) == 0 {
             drop(self.ring.submitter().unregister_buf_ring(BGID));
             return;
         }
-        for index in 0..self.slab.slots.len() {
-            if let Some((key, _)) = self.slab.busy(index) {
-                self.queue(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
-            }
-        }
+        let any = types::CancelBuilder::any();
+        self.queue(opcode::AsyncCancel2::new(any).build().user_data(CANCEL));
         let deadline = Instant::now() + DROP_GRACE;
         let mut out = Vec::new();
-        while self.slab.in_flight() > 0 {
+        while in_flight(self) > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.wait(Some(left), &mut out).is_err() {
                 break;
             }
             out.clear();
         }
-        if self.slab.in_flight() > 0 {
+        if in_flight(self) > 0 {
             // The kernel may still reach these buffers after the ring is closed.
             std::mem::forget(std::mem::take(&mut self.slab.slots));
             self.bufs.leak();
@@ -508,13 +527,6 @@ enum Op {
         /// The kernel writes past its length.
         buf: Vec<u8>,
     },
-    /// A recv into a buffer the kernel picks from the ring when bytes arrive.
-    RecvPooled {
-        /// The socket.
-        fd: RawFd,
-        /// The most bytes to read.
-        len: u32,
-    },
     /// A send of `buf[start..end]`.
     Send {
         /// The socket.
@@ -550,12 +562,6 @@ impl Op {
                     op_len(spare.len()),
                 )
                 .build()
-            }
-            Self::RecvPooled { fd, len } => {
-                opcode::Recv::new(types::Fd(*fd), std::ptr::null_mut(), *len)
-                    .buf_group(BGID)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT)
             }
             Self::Send {
                 fd,
@@ -617,7 +623,7 @@ impl Slab {
             index
         });
         let slot = &mut self.slots[index as usize];
-        slot.generation = slot.generation.wrapping_add(1);
+        slot.generation = slot.generation.wrapping_add(1) & KEY_GENERATION;
         let key = (u64::from(slot.generation) << 32) | u64::from(index);
         let stored = slot.op.insert(InFlight { user_data, op });
         (key, &mut stored.op)
@@ -645,9 +651,8 @@ impl Slab {
     }
 
     /// Turns the kernel's completion of `key` into the loop's, freeing the slot unless the
-    /// operation goes on (a multishot accept with `more`); a buffer the kernel picked from
-    /// `bufs` is handed out with it.
-    fn complete(&mut self, key: u64, result: i32, flags: u32, bufs: &mut BufRing) -> Option<Done> {
+    /// operation goes on (a multishot accept with `more`).
+    fn complete(&mut self, key: u64, result: i32, flags: u32) -> Option<Cqe> {
         let more = cqueue::more(flags);
         let Some(slot) = self.slot(key) else {
             debug_assert!(false, "completion for no operation: {key:#x}");
@@ -698,33 +703,11 @@ impl Slab {
                 }
                 cqe.buf = Some(buf);
             }
-            Some(Op::RecvPooled { fd, len }) => {
-                if result == -libc::ENOBUFS {
-                    return Some(Done::Starved(user_data, fd, len));
-                }
-                if let Some(bid) = cqueue::buffer_select(flags) {
-                    let buf = bufs.take(bid, usize::try_from(result).unwrap_or(0));
-                    if result > 0 {
-                        cqe.buf = Some(buf);
-                    } else {
-                        bufs.pool.put(buf);
-                    }
-                }
-            }
             Some(Op::Send { buf, .. }) => cqe.buf = Some(buf),
             Some(Op::Connect { .. }) => {}
         }
-        Some(Done::Cqe(cqe))
+        Some(cqe)
     }
-}
-
-/// What a kernel completion comes to.
-#[derive(Debug)]
-enum Done {
-    /// The loop's completion.
-    Cqe(Cqe),
-    /// A pooled read found the ring empty: (user data, socket, length) to push again.
-    Starved(u64, RawFd, u32),
 }
 
 #[cfg(test)]
@@ -1081,9 +1064,9 @@ mod tests {
     #[test]
     fn a_burst_larger_than_the_buffer_ring_waits_for_buffers() {
         let mut ring = Uring::with_bufs(32, 2).unwrap();
-        conformance::a_burst_of_pooled_reads_all_complete(&mut ring, 9);
-        assert!(ring.enobufs > 0, "no read found the ring empty");
-        assert_eq!(ring.slab.in_flight(), 0);
+        let starved = conformance::a_burst_of_pooled_reads_all_complete(&mut ring, 9);
+        assert!(starved > 0, "no read found the ring empty");
+        assert_eq!((ring.slab.in_flight(), ring.pooled), (0, 0));
     }
 
     #[test]
