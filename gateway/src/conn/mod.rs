@@ -263,13 +263,44 @@ pub(crate) struct Settings {
     pub(crate) deflate: bool,
 }
 
+/// Who closed a connection first, for the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Closer {
+    /// The client's close frame came first.
+    Client,
+    /// The backend's close frame came first.
+    Backend,
+    /// The gateway decided the close (a limit, a timeout, a drain, a violation).
+    Gateway,
+}
+
+impl Closer {
+    /// The log's spelling.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Backend => "backend",
+            Self::Gateway => "gateway",
+        }
+    }
+}
+
+impl From<Side> for Closer {
+    fn from(side: Side) -> Self {
+        match side {
+            Side::Client => Self::Client,
+            Side::Backend => Self::Backend,
+        }
+    }
+}
+
 /// How a connection ended, for the access log.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Outcome {
     /// The first close code on the wire, if any.
     pub(crate) close_code: Option<CloseCode>,
     /// Who sent it: "client", "backend" or "gateway".
-    pub(crate) closed_by: Option<&'static str>,
+    pub(crate) closed_by: Option<Closer>,
     /// Payload bytes client to backend.
     pub(crate) bytes_in: u64,
     /// Payload bytes backend to client.
@@ -366,7 +397,7 @@ impl std::fmt::Display for RouteName<'_> {
 fn log_close_code(o: &Outcome) -> u16 {
     match (o.close_code, o.closed_by) {
         (Some(code), _) => code.get(),
-        (None, Some("client" | "backend")) => 1005,
+        (None, Some(Closer::Client | Closer::Backend)) => 1005,
         (None, _) => 1006,
     }
 }
@@ -398,7 +429,7 @@ impl LogLine {
             bytes_out = o.bytes_out,
             route = self.route_name().to_string(),
             close_code = log_close_code(o),
-            closed_by = o.closed_by.unwrap_or("gateway"),
+            closed_by = o.closed_by.unwrap_or(Closer::Gateway).as_str(),
             close_reason = o.reason.unwrap_or("connection lost"),
             close_timeout = o.timed_out,
             "connection closed"

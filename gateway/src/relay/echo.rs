@@ -13,7 +13,7 @@ use codec::frame::Role;
 use super::leg::{
     Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
 };
-use crate::conn::{CoreCtx, Event, Io, Kept, Outcome, Settings, Status, Upgraded};
+use crate::conn::{Closer, CoreCtx, Event, Io, Kept, Outcome, Settings, Status, Upgraded};
 use crate::metrics::{CloseDirection, Direction};
 use crate::policy::GatewayClose;
 use crate::relay::forward::{Forwarder, Mode, Step};
@@ -86,8 +86,6 @@ pub(crate) struct Echo {
     outcome: Outcome,
     /// The gateway's own close, if it sent one first.
     gateway_closed: Option<GatewayClosed>,
-    /// The earliest timer asked for that has not fired.
-    timer: Option<Instant>,
     /// The loop finished and the socket was shut: only completions are awaited.
     ended: bool,
 }
@@ -117,7 +115,6 @@ impl Echo {
             watch: Watch::Open,
             outcome: Outcome::default(),
             gateway_closed: None,
-            timer: None,
             ended: false,
         };
         let mut status = echo.drive(ctx, io);
@@ -142,7 +139,7 @@ impl Echo {
                     (Stage::Reading, true) => self.stage = Stage::Process,
                     (Stage::Reading, false) => {
                         self.outcome.close_code = Some(CloseCode::ABNORMAL);
-                        self.outcome.closed_by = Some("client");
+                        self.outcome.closed_by = Some(Closer::Client);
                         self.outcome.reason = Some("client went away");
                         self.stage = Stage::Done;
                     }
@@ -271,7 +268,7 @@ impl Echo {
             Step::NeedInput => {
                 if self.leg.read_shut() {
                     self.outcome.close_code = Some(CloseCode::ABNORMAL);
-                    self.outcome.closed_by = Some("client");
+                    self.outcome.closed_by = Some(Closer::Client);
                     self.outcome.reason = Some("client went away");
                     self.stage = Stage::Done;
                 } else {
@@ -287,7 +284,7 @@ impl Echo {
                     code.map(CloseCode::get),
                 );
                 self.outcome.close_code = code;
-                self.outcome.closed_by = Some("client");
+                self.outcome.closed_by = Some(Closer::Client);
                 self.outcome.reason = Some("client sent close");
                 if let Some(closed) = self.gateway_closed {
                     // The client answered the gateway's own close: the handshake is complete.
@@ -305,7 +302,7 @@ impl Echo {
             }
             Step::Violation(e) => {
                 self.outcome.close_code = Some(e.close_code());
-                self.outcome.closed_by = Some("gateway");
+                self.outcome.closed_by = Some(Closer::Gateway);
                 self.outcome.reason = Some(e.as_str());
                 let close = GatewayClose::ClientViolation(e).to(Side::Client);
                 self.leg
@@ -339,7 +336,6 @@ impl Echo {
     /// A timer fired: the write timeout, keepalive, and the drain's bound after a violation
     /// (the close timeout is the watchdog's, in [`Self::step_watch`]).
     fn on_timer(&mut self, io: &mut dyn Io, now: Instant) {
-        self.timer = None;
         let s = *settings(self.up.as_ref());
         let mut aborted = false;
         if matches!(self.watch, Watch::Open | Watch::Closing)
@@ -383,7 +379,7 @@ impl Echo {
         {
             next = earliest(next, Some(until));
         }
-        arm(io, &mut self.timer, next);
+        arm(io, next);
     }
 
     /// The gateway closes the client on its own (drain, idle, dead client), unless it was
@@ -412,12 +408,12 @@ impl Echo {
     fn finish(&mut self) {
         if let Some(closed) = self.gateway_closed {
             self.outcome.close_code = Some(closed.code);
-            self.outcome.closed_by = Some("gateway");
+            self.outcome.closed_by = Some(Closer::Gateway);
             self.outcome.reason = Some(closed.reason);
         } else if self.leg.aborted {
             // The client stopped reading: no close frame could reach it (1006 in the log).
             self.outcome.close_code = None;
-            self.outcome.closed_by = Some("gateway");
+            self.outcome.closed_by = Some(Closer::Gateway);
             self.outcome.reason = Some("client stopped reading");
         }
         self.outcome.bytes_in = self.pump.fwd.payload_bytes;
@@ -498,7 +494,7 @@ mod tests {
         assert_eq!(o.close_code, Some(CloseCode::NORMAL));
         assert_eq!(
             (o.closed_by, o.bytes_in, o.bytes_out),
-            (Some("client"), 5, 5)
+            (Some(Closer::Client), 5, 5)
         );
     }
 
@@ -546,7 +542,7 @@ mod tests {
         let o = echo.outcome();
         assert_eq!(
             (o.close_code, o.closed_by),
-            (Some(CloseCode::GOING_AWAY), Some("gateway"))
+            (Some(CloseCode::GOING_AWAY), Some(Closer::Gateway))
         );
     }
 

@@ -78,8 +78,9 @@ enum FrameState {
     Data {
         /// Payload bytes still to come.
         remaining: u64,
-        /// Payload bytes already streamed (the masking offset).
-        offset: u64,
+        /// Payload bytes already streamed, modulo 4: the masking offset (keys repeat every
+        /// four bytes).
+        offset: u8,
         /// The sender's masking key.
         in_key: Option<[u8; 4]>,
         /// The key we mask the output with.
@@ -88,6 +89,9 @@ enum FrameState {
         text: bool,
     },
 }
+
+/// [`Forwarder::frame_start`] when no data frame's header is in the unflushed output.
+const NO_FRAME: usize = usize::MAX;
 
 /// One direction of a relayed (or echoed) connection.
 ///
@@ -111,7 +115,9 @@ pub(crate) struct Forwarder {
     written: usize,
     /// Where the current data frame's header sits in the unflushed output, so a violation
     /// inside it can take the whole frame back.
-    frame_start: Option<usize>,
+    /// ([`NO_FRAME`] when none is: a sentinel, not an `Option`, keeps an idle connection in
+    /// the allocator's smaller size class.)
+    frame_start: usize,
 }
 
 impl Forwarder {
@@ -125,8 +131,15 @@ impl Forwarder {
             payload_bytes: 0,
             read: 0,
             written: 0,
-            frame_start: None,
+            frame_start: NO_FRAME,
         }
+    }
+
+    /// Where the current data frame's header sits in the unflushed output, if it does;
+    /// forgets it.
+    fn take_frame_start(&mut self) -> Option<usize> {
+        let at = std::mem::replace(&mut self.frame_start, NO_FRAME);
+        (at != NO_FRAME).then_some(at)
     }
 
     /// The bytes at the front of the buffer that go to the other side.
@@ -151,7 +164,7 @@ impl Forwarder {
         let consumed = self.read;
         self.read = 0;
         self.written = 0;
-        self.frame_start = None;
+        self.frame_start = NO_FRAME;
         consumed
     }
 
@@ -229,7 +242,7 @@ impl Forwarder {
                         n
                     }
                 };
-                self.frame_start = Some(at);
+                self.frame_start = at;
                 self.written += n;
                 self.read += len;
                 self.frames += 1;
@@ -259,7 +272,7 @@ impl Forwarder {
         };
         if *remaining == 0 {
             self.state = FrameState::Header;
-            let unflushed = self.frame_start.take();
+            let unflushed = self.take_frame_start();
             return match self.validator.end_frame() {
                 Ok(()) => Ok(Flow::Advanced),
                 Err(e) => {
@@ -282,13 +295,13 @@ impl Forwarder {
             buf.copy_within(self.read..self.read + n, start);
         }
         let chunk = &mut buf[start..start + n];
-        let at = *offset as usize;
+        let at = usize::from(*offset);
         if *text {
             if let Some(key) = *in_key {
                 mask::apply_mask_at(chunk, key, at);
             }
             if let Err(e) = self.validator.payload(chunk) {
-                if let Some(frame) = self.frame_start.take() {
+                if let Some(frame) = self.take_frame_start() {
                     // Nothing of this frame has left yet: drop it whole, so the output ends
                     // on a frame boundary and a close frame can follow.
                     self.written = frame;
@@ -311,7 +324,7 @@ impl Forwarder {
             }
         }
         *remaining -= n as u64;
-        *offset += n as u64;
+        *offset = ((usize::from(*offset) + n) % 4) as u8;
         self.read += n;
         self.written += n;
         self.payload_bytes += n as u64;

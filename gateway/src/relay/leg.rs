@@ -389,13 +389,11 @@ pub(crate) fn keepalive_check(
     None
 }
 
-/// Asks for a timer at `next` unless an earlier request still stands (`timer`).
-pub(crate) fn arm(io: &mut dyn Io, timer: &mut Option<Instant>, next: Option<Instant>) {
-    if let Some(next) = next
-        && timer.is_none_or(|t| next < t)
-    {
+/// Asks for a timer at `next` (the loop keeps the earliest request standing, so asking
+/// again after every event costs a comparison).
+pub(crate) fn arm(io: &mut dyn Io, next: Option<Instant>) {
+    if let Some(next) = next {
         io.wake_at(next);
-        *timer = Some(next);
     }
 }
 
@@ -419,10 +417,6 @@ pub(crate) struct Pump {
     read_size: u32,
     /// Bytes of the output written so far in the current flush.
     sent: usize,
-    /// Frames already counted in the metrics.
-    frames: u64,
-    /// Payload bytes already counted in the metrics.
-    bytes: u64,
 }
 
 /// How a pump's write came back.
@@ -444,8 +438,6 @@ impl Pump {
             buf: Some(input),
             read_size: u32::try_from(MIN_READ.min(limit)).unwrap_or(u32::MAX),
             sent: 0,
-            frames: 0,
-            bytes: 0,
         }
     }
 
@@ -461,19 +453,20 @@ impl Pump {
             .buf
             .as_mut()
             .expect("a pump processes only a buffer it holds");
+        // The forwarder's counts change only while it processes.
+        let (frames, bytes) = (self.fwd.frames, self.fwd.payload_bytes);
         let step = self.fwd.process(buf);
-        if self.fwd.frames != self.frames || self.fwd.payload_bytes != self.bytes {
+        if self.fwd.frames != frames || self.fwd.payload_bytes != bytes {
             // Live counters: per batch, not per connection close. A frame the forwarder takes
             // back (a violation inside it, before it left) was counted when it began: it did
             // arrive, so it stays counted, and the count never goes backwards.
             let (df, db) = (
-                self.fwd.frames.saturating_sub(self.frames),
-                self.fwd.payload_bytes.saturating_sub(self.bytes),
+                self.fwd.frames.saturating_sub(frames),
+                self.fwd.payload_bytes.saturating_sub(bytes),
             );
             for &dir in dirs {
                 metrics.frames(dir, df, db);
             }
-            (self.frames, self.bytes) = (self.fwd.frames, self.fwd.payload_bytes);
         }
         let flush = self.fwd.should_flush(limit, &step);
         (step, flush)
