@@ -224,7 +224,8 @@ impl Backend for Uring {
             Sqe::RecvPooled { fd, len } => {
                 debug_assert_eq!(user_data & POOLED, 0, "a pooled read's user data");
                 let len = len.clamp(1, op_len(POOL_BUF));
-                let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
+                // A read rather than a recv, as for `Op::Recv` (half the kernel state).
+                let entry = opcode::Read::new(types::Fd(fd), std::ptr::null_mut(), len)
                     .buf_group(BGID)
                     .build()
                     .flags(squeue::Flags::BUFFER_SELECT)
@@ -555,8 +556,10 @@ impl Op {
                 .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
                 .build(),
             Self::Recv { fd, buf } => {
+                // A read, not a recv: the same on a stream socket, and while it waits the
+                // kernel keeps 256 bytes of state for it instead of a recv's 512.
                 let spare = buf.spare_capacity_mut();
-                opcode::Recv::new(
+                opcode::Read::new(
                     types::Fd(*fd),
                     spare.as_mut_ptr().cast(),
                     op_len(spare.len()),
