@@ -695,10 +695,7 @@ mod tests {
     use socket2::{Domain, SockRef, Socket, Type};
 
     use super::{Backend, Cqe, Epoll, Sqe};
-    use crate::driver::conformance;
-
-    /// How long a test waits for a completion before it fails.
-    const PATIENCE: Duration = Duration::from_secs(10);
+    use crate::driver::conformance::{self, collect, pair as nb_pair, quiet};
 
     /// A connected loopback pair: a plain blocking std socket as the peer, and the other end,
     /// still blocking, for the test to prepare before it hands it to the backend.
@@ -709,39 +706,9 @@ mod tests {
         (peer, ours)
     }
 
-    /// A connected pair whose second end is non-blocking, as the loop's sockets are.
-    fn nb_pair() -> (TcpStream, OwnedFd) {
-        let (peer, ours) = pair();
-        ours.set_nonblocking(true).unwrap();
-        (peer, OwnedFd::from(ours))
-    }
-
-    /// Waits until `n` completions came, in order; fails the test after [`PATIENCE`].
-    fn collect(ep: &mut Epoll, n: usize) -> Vec<Cqe> {
-        let start = Instant::now();
-        let mut out = Vec::new();
-        while out.len() < n {
-            assert!(
-                start.elapsed() < PATIENCE,
-                "{} of {n} completions came",
-                out.len()
-            );
-            ep.wait(Some(Duration::from_millis(100)), &mut out).unwrap();
-        }
-        assert_eq!(out.len(), n, "more completions than expected: {out:?}");
-        out
-    }
-
     /// The one completion of the one operation in flight.
     fn one(ep: &mut Epoll) -> Cqe {
         collect(ep, 1).pop().unwrap()
-    }
-
-    /// Asserts nothing completes within `d`.
-    fn quiet(ep: &mut Epoll, d: Duration) {
-        let mut out = Vec::new();
-        ep.wait(Some(d), &mut out).unwrap();
-        assert!(out.is_empty(), "unexpected completions: {out:?}");
     }
 
     /// Recognisable bytes, not a short period, so misordered or lost chunks show.
