@@ -445,7 +445,7 @@ impl<B: Backend> EventLoop<B> {
             self.backend.close(fd);
             return;
         };
-        drop(sock.set_nodelay(true));
+        // TCP_NODELAY came with the socket: the listener has it (`bind_reuseport`).
         self.open(fd, client);
     }
 

@@ -188,9 +188,31 @@ pub(crate) fn bind_reuseport(
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it (one setsockopt per listener instead of per connection):
+    // relayed frames go out at once, never held back by Nagle.
+    socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     // Non-blocking for the epoll backend's accepts (io_uring does not mind).
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = super::bind_reuseport("127.0.0.1:0".parse().unwrap(), 8).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let accepted = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        assert!(accepted.nodelay().unwrap());
+    }
 }
