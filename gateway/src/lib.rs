@@ -153,6 +153,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
         .map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default())
         .collect();
     let drain_timeout = config.server.drain_timeout;
+    let read_buffers = config.server.read_buffers;
     let admin_addr = config.server.admin;
     let upstreams: Vec<String> = config.pools.iter().map(|p| p.name.clone()).collect();
     let echo = config.pools.is_empty();
@@ -188,7 +189,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                serve_core(backend, args, &setup_tx);
+                serve_core(backend, read_buffers, args, &setup_tx);
             })
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
         workers.push(worker);
@@ -287,20 +288,21 @@ fn choose_backend(mut setting: driver::IoBackend) -> Result<Chosen, String> {
 /// not be set up) on `setup` before serving.
 fn serve_core(
     backend: Chosen,
+    read_buffers: u16,
     args: driver::event_loop::LoopArgs,
     setup: &std::sync::mpsc::Sender<Result<(&'static str, &'static str), String>>,
 ) {
     use driver::Backend as _;
     use driver::event_loop::EventLoop;
     match backend {
-        Chosen::Uring => match driver::uring::Uring::new(RING_ENTRIES) {
+        Chosen::Uring => match driver::uring::Uring::with_bufs(RING_ENTRIES, read_buffers) {
             Ok(ring) => {
                 drop(setup.send(Ok((ring.name(), ring.setup()))));
                 EventLoop::new(ring, args).run();
             }
             Err(e) => drop(setup.send(Err(format!("cannot set up io_uring: {e}")))),
         },
-        Chosen::Epoll => match driver::epoll::Epoll::new() {
+        Chosen::Epoll => match driver::epoll::Epoll::with_pool(usize::from(read_buffers)) {
             Ok(epoll) => {
                 drop(setup.send(Ok((epoll.name(), "edge-triggered"))));
                 EventLoop::new(epoll, args).run();

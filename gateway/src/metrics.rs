@@ -44,6 +44,8 @@ pub(crate) const BACKEND_HEALTHY: &str = "wsgate_backend_healthy";
 pub(crate) const BACKEND_PROBE_FAILURES: &str = "wsgate_backend_probe_failures_total";
 /// Backend connects that failed for want of the gateway's own resources, by errno (counter).
 pub(crate) const LOCAL_ERRORS: &str = "wsgate_local_errors_total";
+/// Reads that found every pooled read buffer of their core in use and waited (counter).
+pub(crate) const READ_BUFFER_WAITS: &str = "wsgate_read_buffer_waits_total";
 
 /// Upgrade statuses with their own series: what the gateway answers itself (101, 400, 405,
 /// 426, 431, 502) and what a refusing backend commonly passes through. The rest is "other".
@@ -183,6 +185,7 @@ pub(crate) struct CoreMetrics {
     handshake_sum_micros: AtomicU64,
     /// Indexed by [`LocalError::index`].
     local_errors: [AtomicU64; LocalError::ALL.len()],
+    read_buffer_waits: AtomicU64,
 }
 
 impl CoreMetrics {
@@ -197,7 +200,13 @@ impl CoreMetrics {
             handshake_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             handshake_sum_micros: AtomicU64::new(0),
             local_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            read_buffer_waits: AtomicU64::new(0),
         }
+    }
+
+    /// A read found every pooled read buffer in use and goes again once one is free.
+    pub(crate) fn read_buffer_wait(&self) {
+        self.read_buffer_waits.fetch_add(1, Relaxed);
     }
 
     /// A client connection was accepted on this core.
@@ -352,6 +361,7 @@ impl Metrics {
         self.render_close_frames(out);
         self.render_close_handshake(out);
         self.render_local_errors(out);
+        self.render_read_buffer_waits(out);
         render_backends(out, backends);
     }
 
@@ -492,6 +502,20 @@ impl Metrics {
             let n = self.sum(|c| &c.local_errors[why.index()]);
             _ = writeln!(out, "{LOCAL_ERRORS}{{why=\"{}\"}} {n}", why.as_str());
         }
+    }
+}
+
+impl Metrics {
+    fn render_read_buffer_waits(&self, out: &mut String) {
+        header(
+            out,
+            READ_BUFFER_WAITS,
+            "counter",
+            "Reads that found every pooled read buffer of their core in use and waited for one \
+             (raise server.read_buffers if it keeps growing).",
+        );
+        let n = self.sum(|c| &c.read_buffer_waits);
+        _ = writeln!(out, "{READ_BUFFER_WAITS} {n}");
     }
 }
 

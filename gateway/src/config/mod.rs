@@ -47,6 +47,8 @@ const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// No valid upgrade request fits in less (the mandatory headers alone take about 150 bytes),
 /// so a smaller `max_header_bytes` is a typo that would refuse every client with 431.
 const MIN_HEADER_BYTES: u64 = 256;
+/// Pooled read buffers per core unless `server.read_buffers` says otherwise.
+const DEFAULT_READ_BUFFERS: u16 = 64;
 /// The relay reads at least this much at a time, so a smaller `write_buffer` could not be
 /// honoured.
 const MIN_WRITE_BUFFER: u64 = crate::conn::MIN_READ as u64;
@@ -198,6 +200,9 @@ pub(crate) struct Server {
     pub(crate) io_backend: crate::driver::IoBackend,
     /// After SIGTERM/SIGINT, how long open connections get to finish their close handshakes.
     pub(crate) drain_timeout: Duration,
+    /// Pooled read buffers per core (a power of two): io_uring's provided-buffer ring, and
+    /// the most free ones a core keeps.
+    pub(crate) read_buffers: u16,
 }
 
 /// How log lines are written.
@@ -533,6 +538,7 @@ struct RawServer {
     log_format: Option<String>,
     io_backend: Option<String>,
     drain_timeout: Option<DurationText>,
+    read_buffers: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -981,6 +987,19 @@ impl RawServer {
             self.drain_timeout.as_ref(),
             DEFAULT_DRAIN_TIMEOUT,
         );
+        let read_buffers = match self.read_buffers {
+            None => DEFAULT_READ_BUFFERS,
+            Some(n) => u16::try_from(n)
+                .ok()
+                .filter(|n| n.is_power_of_two() && *n <= 1 << 15)
+                .unwrap_or_else(|| {
+                    p.add(
+                        "server.read_buffers",
+                        format!("{n} must be a power of two from 1 to 32768"),
+                    );
+                    DEFAULT_READ_BUFFERS
+                }),
+        };
         Server {
             cores,
             admin,
@@ -988,6 +1007,7 @@ impl RawServer {
             log_format,
             io_backend,
             drain_timeout,
+            read_buffers,
         }
     }
 }
@@ -1514,6 +1534,7 @@ mod tests {
                 log_format: LogFormat::Text,
                 io_backend: crate::driver::IoBackend::Auto,
                 drain_timeout: Duration::from_secs(10),
+                read_buffers: 64,
             }
         );
         assert_eq!(c.listeners, vec!["0.0.0.0:8080".parse().unwrap()]);

@@ -170,8 +170,14 @@ fn drained(res: i32, asked: usize) -> bool {
 }
 
 impl Epoll {
-    /// Opens an epoll instance.
+    /// Opens an epoll instance whose read pool keeps up to 64 free buffers.
+    #[cfg(test)]
     pub(crate) fn new() -> io::Result<Self> {
+        Self::with_pool(64)
+    }
+
+    /// Opens an epoll instance whose read pool keeps up to `keep` free buffers.
+    pub(crate) fn with_pool(keep: usize) -> io::Result<Self> {
         Ok(Self {
             poll: Poll::new()?,
             events: Events::with_capacity(EVENTS),
@@ -179,7 +185,7 @@ impl Epoll {
                 fds: Vec::new(),
                 ready: Vec::new(),
                 parked: HashMap::default(),
-                pool: BufPool::default(),
+                pool: BufPool::new(keep),
             },
         })
     }

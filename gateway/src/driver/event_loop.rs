@@ -309,6 +309,7 @@ impl<B: Backend> EventLoop<B> {
                     },
                 };
                 self.backend.push(cqe.user_data, sqe);
+                self.ctx.metrics.read_buffer_wait();
                 return;
             }
         }

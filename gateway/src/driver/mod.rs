@@ -123,20 +123,27 @@ pub(crate) trait Backend {
 /// at once by default. Only the pages a read touches become resident.
 pub(crate) const POOL_BUF: usize = 64 << 10;
 
-/// Free buffers a core keeps for its pooled reads, beyond those lent to the kernel: enough for
-/// a burst of reads to find buffers without allocating; more are freed when they come back.
-pub(crate) const POOL_FREE: usize = 64;
-
 /// One core's free read buffers, each [`POOL_BUF`] bytes: reads that wait for input take one
 /// only when bytes arrive, and machines give them back once their bytes are written, so
 /// steady traffic allocates nothing and an idle connection holds no buffer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct BufPool {
     /// Empty buffers of [`POOL_BUF`] capacity.
     free: Vec<Vec<u8>>,
+    /// The most free buffers kept (`server.read_buffers`): enough for a burst of reads to
+    /// find buffers without allocating; more are freed when they come back.
+    keep: usize,
 }
 
 impl BufPool {
+    /// A pool that keeps up to `keep` free buffers.
+    pub(crate) fn new(keep: usize) -> Self {
+        Self {
+            free: Vec::new(),
+            keep,
+        }
+    }
+
     /// An empty buffer of [`POOL_BUF`] capacity.
     pub(crate) fn take(&mut self) -> Vec<u8> {
         self.free
@@ -146,7 +153,7 @@ impl BufPool {
 
     /// Keeps `buf` for a later read if it is one of the pool's and the pool has room.
     pub(crate) fn put(&mut self, mut buf: Vec<u8>) {
-        if buf.capacity() == POOL_BUF && self.free.len() < POOL_FREE {
+        if buf.capacity() == POOL_BUF && self.free.len() < self.keep {
             buf.clear();
             self.free.push(buf);
         }

@@ -65,10 +65,10 @@ const SETUP_NONE: &str = "none";
 /// leaking their buffers instead.
 const DROP_GRACE: Duration = Duration::from_secs(1);
 
-/// Buffers in a core's provided-buffer ring: how many pooled reads can complete between two
-/// reaps before one waits for a refill. Each is [`POOL_BUF`] bytes of address space, resident
-/// only where reads touched it.
-pub(crate) const RING_BUFS: u16 = 64;
+/// Buffers in a ring the tests set up with [`Uring::new`] (the gateway passes
+/// `server.read_buffers` to [`Uring::with_bufs`]).
+#[cfg(test)]
+const RING_BUFS: u16 = 64;
 
 /// The buffer group id of the provided-buffer ring (one per io_uring instance).
 const BGID: u16 = 0;
@@ -95,11 +95,14 @@ pub(crate) struct Uring {
 impl Uring {
     /// Sets up a ring with `entries` submission slots on the calling thread, which is the only
     /// one that may use it, with the best task-running mode the kernel accepts.
+    #[cfg(test)]
     pub(crate) fn new(entries: u32) -> io::Result<Self> {
         Self::with_bufs(entries, RING_BUFS)
     }
 
-    /// [`Uring::new`] with `bufs` (a power of two) buffers in the provided-buffer ring.
+    /// Sets up a ring as [`Uring::new`] does, with `bufs` (a power of two) buffers of
+    /// [`POOL_BUF`] bytes in its provided-buffer ring, and as many kept free to refill it.
+    /// Each is address space, resident only where reads touched it.
     pub(crate) fn with_bufs(entries: u32, bufs: u16) -> io::Result<Self> {
         let (ring, setup) = build(entries)?;
         if !ring.params().is_feature_ext_arg() {
@@ -375,7 +378,7 @@ impl BufRing {
             mask: count - 1,
             tail: 0,
             lent: (0..count).map(|_| Vec::new()).collect(),
-            pool: BufPool::default(),
+            pool: BufPool::new(usize::from(count)),
             leaked: false,
         };
         // SAFETY: `entries` is a zeroed, page-aligned allocation of `count` entries that lives
@@ -464,7 +467,7 @@ impl Drop for BufRing {
 /// (timed waits; multishot accept, which came in 5.19 with `COOP_TASKRUN`, so a kernel that
 /// refuses both task-running modes is too old).
 pub(crate) fn probe() -> io::Result<()> {
-    let ring = Uring::new(8)?;
+    let ring = Uring::with_bufs(8, 1)?;
     if ring.setup() == SETUP_NONE {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
