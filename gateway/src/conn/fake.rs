@@ -49,6 +49,9 @@ pub(crate) struct Pending {
     pub(crate) end: usize,
     /// The machine asked to cancel it.
     pub(crate) cancel: bool,
+    /// A read that lends no buffer (the machine handed an empty one over), of at most this
+    /// many bytes: as the loop's pooled reads, it gets a fresh buffer only if bytes came.
+    pub(crate) pooled: Option<usize>,
 }
 
 /// One thing a scripted peer says.
@@ -190,8 +193,16 @@ impl Io for World {
 
     fn recv(&mut self, side: Side, mut buf: Vec<u8>, len: usize) {
         assert!(len > 0, "a read with no room");
-        buf.reserve(len);
+        let pooled = buf.is_empty();
+        if pooled {
+            buf = Vec::new();
+        } else {
+            buf.reserve(len);
+        }
         self.add(side, OpKind::Recv, buf, 0, 0);
+        if pooled {
+            self.pending.last_mut().expect("just added").pooled = Some(len);
+        }
     }
 
     fn recycle(&mut self, _buf: Vec<u8>) {}
@@ -382,6 +393,7 @@ impl World {
             start,
             end,
             cancel: false,
+            pooled: None,
         });
     }
 
@@ -420,6 +432,9 @@ impl World {
         let result = result.map(|n| {
             if n == 0 {
                 return 0;
+            }
+            if let Some(len) = p.pooled {
+                p.buf = Vec::with_capacity(len);
             }
             let peer = self.peer(side);
             let room = p.buf.capacity() - p.buf.len();
