@@ -193,16 +193,14 @@ impl Io for World {
 
     fn recv(&mut self, side: Side, mut buf: Vec<u8>, len: usize) {
         assert!(len > 0, "a read with no room");
-        let pooled = buf.is_empty();
-        if pooled {
+        let pooled = buf.is_empty().then_some(len);
+        if pooled.is_some() {
             buf = Vec::new();
         } else {
             buf.reserve(len);
         }
         self.add(side, OpKind::Recv, buf, 0, 0);
-        if pooled {
-            self.pending.last_mut().expect("just added").pooled = Some(len);
-        }
+        self.pending.last_mut().expect("just added").pooled = pooled;
     }
 
     fn recycle(&mut self, _buf: Vec<u8>) {}

@@ -380,18 +380,6 @@ pub(crate) fn plain(status: u16, reason: &str, body: &str, extra_headers: &str) 
     .into_bytes()
 }
 
-/// A route as the access log names it: `host/path_prefix`, or `path_prefix` for any host.
-pub(crate) struct RouteName<'a>(pub(crate) &'a Route);
-
-impl std::fmt::Display for RouteName<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if let Some(host) = &self.0.host {
-            write!(f, "{host}")?;
-        }
-        f.write_str(&self.0.path_prefix)
-    }
-}
-
 /// The close code the access log shows, with RFC 6455's names for what has none on the
 /// wire: 1005 for a close frame without a code, 1006 for no close frame at all.
 fn log_close_code(o: &Outcome) -> u16 {
@@ -403,9 +391,14 @@ fn log_close_code(o: &Outcome) -> u16 {
 }
 
 impl LogLine {
-    /// The route's name, as the log line shows it.
-    pub(crate) fn route_name(&self) -> RouteName<'_> {
-        RouteName(&self.generation.config.routes[self.route as usize])
+    /// The route, as the log line names it: `host/path_prefix`, or `path_prefix` for any
+    /// host.
+    pub(crate) fn route_name(&self) -> String {
+        let route = &self.generation.config.routes[self.route as usize];
+        match &route.host {
+            Some(host) => format!("{host}{}", route.path_prefix),
+            None => route.path_prefix.clone(),
+        }
     }
 
     /// The backend's address, or `echo`.
@@ -427,7 +420,7 @@ impl LogLine {
             duration_ms = self.started.elapsed().as_millis() as u64,
             bytes_in = o.bytes_in,
             bytes_out = o.bytes_out,
-            route = self.route_name().to_string(),
+            route = self.route_name(),
             close_code = log_close_code(o),
             closed_by = o.closed_by.unwrap_or(Closer::Gateway).as_str(),
             close_reason = o.reason.unwrap_or("connection lost"),

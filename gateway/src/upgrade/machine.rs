@@ -1652,7 +1652,7 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
         assert_eq!(
             (
                 &*up.kept.log.path,
-                &*up.kept.log.route_name().to_string(),
+                &*up.kept.log.route_name(),
                 &*up.kept.log.backend_name()
             ),
             ("/echo/x", "/echo", "echo")
@@ -1904,7 +1904,7 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
         assert_eq!(up.client_input, [0x89, 0x80, 9, 9, 9, 9]);
         assert!(up.kept.settings.deflate);
         assert_eq!(up.kept.log.backend_name(), "ws://127.0.0.1:9001/app");
-        assert_eq!(up.kept.log.route_name().to_string(), "/chat");
+        assert_eq!(up.kept.log.route_name(), "/chat");
         assert_eq!(&*up.kept.log.path, "/chat/room?x=1");
         assert!(up.kept.active.is_some());
         assert_eq!(h.backend(0), (0, 1));
