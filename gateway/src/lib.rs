@@ -155,6 +155,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
         .collect();
     let drain_timeout = config.server.drain_timeout;
     let read_buffers = config.server.read_buffers;
+    let park_reads_after = config.server.park_reads_after;
     let admin_addr = config.server.admin;
     let upstreams: Vec<String> = config.pools.iter().map(|p| p.name.clone()).collect();
     let echo = config.pools.is_empty();
@@ -180,6 +181,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
             shared: Arc::clone(&shared),
             drain: receiver,
             drain_timeout,
+            park_reads_after,
         };
         let core = core_ids.get(index).copied();
         let (setup_tx, setup_rx) = std::sync::mpsc::channel();
@@ -306,6 +308,11 @@ fn serve_core(
         Chosen::Epoll => match driver::epoll::Epoll::with_pool(usize::from(read_buffers)) {
             Ok(epoll) => {
                 drop(setup.send(Ok((epoll.name(), "edge-triggered"))));
+                // A read waiting on epoll is only its socket's registration: nothing to park.
+                let args = driver::event_loop::LoopArgs {
+                    park_reads_after: None,
+                    ..args
+                };
                 EventLoop::new(epoll, args).run();
             }
             Err(e) => drop(setup.send(Err(format!("cannot set up epoll: {e}")))),

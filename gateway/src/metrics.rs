@@ -46,6 +46,8 @@ pub(crate) const BACKEND_PROBE_FAILURES: &str = "wsgate_backend_probe_failures_t
 pub(crate) const LOCAL_ERRORS: &str = "wsgate_local_errors_total";
 /// Reads that found every pooled read buffer of their core in use and waited (counter).
 pub(crate) const READ_BUFFER_WAITS: &str = "wsgate_read_buffer_waits_total";
+/// Reads that waited long enough to be parked behind a poll (counter).
+pub(crate) const PARKED_READS: &str = "wsgate_parked_reads_total";
 
 /// Upgrade statuses with their own series: what the gateway answers itself (101, 400, 405,
 /// 426, 431, 502) and what a refusing backend commonly passes through. The rest is "other".
@@ -186,6 +188,7 @@ pub(crate) struct CoreMetrics {
     /// Indexed by [`LocalError::index`].
     local_errors: [AtomicU64; LocalError::ALL.len()],
     read_buffer_waits: AtomicU64,
+    parked_reads: AtomicU64,
 }
 
 impl CoreMetrics {
@@ -201,12 +204,18 @@ impl CoreMetrics {
             handshake_sum_micros: AtomicU64::new(0),
             local_errors: std::array::from_fn(|_| AtomicU64::new(0)),
             read_buffer_waits: AtomicU64::new(0),
+            parked_reads: AtomicU64::new(0),
         }
     }
 
     /// A read found every pooled read buffer in use and goes again once one is free.
     pub(crate) fn read_buffer_wait(&self) {
         self.read_buffer_waits.fetch_add(1, Relaxed);
+    }
+
+    /// A long-idle read was parked: a poll waits in its place.
+    pub(crate) fn read_parked(&self) {
+        self.parked_reads.fetch_add(1, Relaxed);
     }
 
     /// A client connection was accepted on this core.
@@ -362,6 +371,7 @@ impl Metrics {
         self.render_close_handshake(out);
         self.render_local_errors(out);
         self.render_read_buffer_waits(out);
+        self.render_parked_reads(out);
         render_backends(out, backends);
     }
 
@@ -516,6 +526,18 @@ impl Metrics {
         );
         let n = self.sum(|c| &c.read_buffer_waits);
         _ = writeln!(out, "{READ_BUFFER_WAITS} {n}");
+    }
+
+    fn render_parked_reads(&self, out: &mut String) {
+        header(
+            out,
+            PARKED_READS,
+            "counter",
+            "Reads that waited past server.park_reads_after and were parked behind a poll, \
+             which holds less kernel memory (io_uring only).",
+        );
+        let n = self.sum(|c| &c.parked_reads);
+        _ = writeln!(out, "{PARKED_READS} {n}");
     }
 }
 

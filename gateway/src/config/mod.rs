@@ -49,6 +49,10 @@ const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_HEADER_BYTES: u64 = 256;
 /// Pooled read buffers per core unless `server.read_buffers` says otherwise.
 const DEFAULT_READ_BUFFERS: u16 = 64;
+/// How long a read waits before it is parked unless `server.park_reads_after` says otherwise:
+/// long enough that a connection exchanging messages is never parked, short enough to catch
+/// the usual 20-30 s heartbeat of an idle one.
+const DEFAULT_PARK_READS_AFTER: Duration = Duration::from_secs(5);
 /// The relay reads at least this much at a time, so a smaller `write_buffer` could not be
 /// honoured.
 const MIN_WRITE_BUFFER: u64 = crate::conn::MIN_READ as u64;
@@ -203,6 +207,9 @@ pub(crate) struct Server {
     /// Pooled read buffers per core (a power of two): io_uring's provided-buffer ring, and
     /// the most free ones a core keeps.
     pub(crate) read_buffers: u16,
+    /// On io_uring, a read waiting this long (up to twice it) is parked behind a poll, which
+    /// holds less kernel memory; `None`: never.
+    pub(crate) park_reads_after: Option<Duration>,
 }
 
 /// How log lines are written.
@@ -539,6 +546,7 @@ struct RawServer {
     io_backend: Option<String>,
     drain_timeout: Option<DurationText>,
     read_buffers: Option<u64>,
+    park_reads_after: Option<DurationText>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1000,6 +1008,11 @@ impl RawServer {
                     DEFAULT_READ_BUFFERS
                 }),
         };
+        let park_reads_after = p.optional(
+            "server.park_reads_after",
+            self.park_reads_after.as_ref(),
+            DEFAULT_PARK_READS_AFTER,
+        );
         Server {
             cores,
             admin,
@@ -1008,6 +1021,7 @@ impl RawServer {
             io_backend,
             drain_timeout,
             read_buffers,
+            park_reads_after,
         }
     }
 }
@@ -1535,6 +1549,7 @@ mod tests {
                 io_backend: crate::driver::IoBackend::Auto,
                 drain_timeout: Duration::from_secs(10),
                 read_buffers: 64,
+                park_reads_after: Some(Duration::from_secs(5)),
             }
         );
         assert_eq!(c.listeners, vec!["0.0.0.0:8080".parse().unwrap()]);

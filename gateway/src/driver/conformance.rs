@@ -189,3 +189,40 @@ pub(crate) fn a_burst_of_pooled_reads_all_complete(b: &mut impl Backend, reads: 
     }
     starved
 }
+
+/// A poll waits for bytes and reads none of them; one at end of stream completes too; one
+/// cancelled completes with `-ECANCELED`. None hands over a buffer.
+pub(crate) fn poll_in_waits_and_reads_nothing(b: &mut impl Backend) {
+    let (mut peer, ours) = pair();
+    let fd = ours.as_raw_fd();
+    b.push(1, Sqe::PollIn { fd });
+    quiet(b, Duration::from_millis(20));
+    peer.write_all(b"hello").unwrap();
+    let cqe = collect(b, 1).pop().unwrap();
+    assert_eq!(cqe.user_data, 1);
+    assert!(cqe.result > 0, "a poll mask: {cqe:?}");
+    assert!(cqe.buf.is_none(), "a poll holds no buffer");
+    // The bytes are all still there for the read that follows.
+    b.push(2, Sqe::RecvPooled { fd, len: 1024 });
+    let cqe = collect(b, 1).pop().unwrap();
+    assert_eq!(cqe.buf.as_deref(), Some(&b"hello"[..]));
+    b.recycle(cqe.buf.unwrap());
+
+    b.push(3, Sqe::PollIn { fd });
+    quiet(b, Duration::from_millis(20));
+    b.push(4, Sqe::Cancel { target: 3 });
+    let cqe = collect(b, 1).pop().unwrap();
+    assert_eq!((cqe.user_data, cqe.result), (3, -libc::ECANCELED));
+    assert!(cqe.buf.is_none());
+
+    b.push(5, Sqe::PollIn { fd });
+    quiet(b, Duration::from_millis(20));
+    peer.shutdown(Shutdown::Write).unwrap();
+    let cqe = collect(b, 1).pop().unwrap();
+    assert_eq!(cqe.user_data, 5);
+    assert!(cqe.result > 0, "end of stream is readable: {cqe:?}");
+    b.push(6, Sqe::RecvPooled { fd, len: 1024 });
+    let cqe = collect(b, 1).pop().unwrap();
+    assert_eq!((cqe.user_data, cqe.result), (6, 0));
+    b.close(ours);
+}

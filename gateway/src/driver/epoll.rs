@@ -105,37 +105,78 @@ impl FdState {
     };
 }
 
-/// A parked `Recv` or `RecvPooled`.
+/// A parked `Recv`, `RecvPooled` or `PollIn`.
 struct RecvOp {
     /// What it was pushed with.
     user_data: u64,
     /// Where the bytes go (into its spare capacity); for a pooled read, empty and without
-    /// capacity until an attempt takes a buffer from the pool.
+    /// capacity until an attempt takes a buffer from the pool; for a poll, empty.
     buf: Vec<u8>,
-    /// A pooled read's most bytes; 0 for a read into `buf`.
-    pooled: u32,
+    /// Where its bytes go.
+    into: ReadInto,
+}
+
+/// Where a read's bytes go.
+#[derive(Clone, Copy)]
+enum ReadInto {
+    /// Into its buffer's spare capacity (`Recv`).
+    Buf,
+    /// Into a pool buffer, at most this many bytes (`RecvPooled`).
+    Pool(u32),
+    /// Nowhere: it only waits until a read would not (`PollIn`).
+    Nothing,
 }
 
 impl RecvOp {
-    /// One attempt: reads into the op's buffer, or into one from `pool` (kept only if bytes
-    /// came); also says how many bytes it asked for.
-    fn attempt(&mut self, fd: RawFd, pool: &mut BufPool) -> (Attempt, usize) {
-        if self.pooled == 0 {
-            let room = self.buf.capacity() - self.buf.len();
-            return (recv(fd, &mut self.buf, room), room);
-        }
-        let room = (self.pooled as usize).min(POOL_BUF);
-        self.buf = pool.take();
-        let attempt = recv(fd, &mut self.buf, room);
-        if !matches!(attempt, Attempt::Done(n) if n > 0) {
-            pool.put(std::mem::take(&mut self.buf));
-        }
-        (attempt, room)
+    /// The read `sqe` is, or `sqe` back if it is none.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the operation moves on at once to the caller's other arms, never stored"
+    )]
+    fn of(user_data: u64, sqe: Sqe) -> Result<Self, Sqe> {
+        let (buf, into) = match sqe {
+            Sqe::Recv { buf, .. } => (buf, ReadInto::Buf),
+            Sqe::RecvPooled { len, .. } => (Vec::new(), ReadInto::Pool(len.max(1))),
+            Sqe::PollIn { .. } => (Vec::new(), ReadInto::Nothing),
+            other => return Err(other),
+        };
+        Ok(Self {
+            user_data,
+            buf,
+            into,
+        })
     }
 
-    /// The buffer its completion hands back: none for a pooled read that read nothing.
+    /// One attempt: reads into the op's buffer, or into one from `pool` (kept only if bytes
+    /// came), or only looks; also says how many bytes it asked for (0 for a look, which
+    /// leaves the socket as readable as it was).
+    fn attempt(&mut self, fd: RawFd, pool: &mut BufPool) -> (Attempt, usize) {
+        match self.into {
+            ReadInto::Buf => {
+                let room = self.buf.capacity() - self.buf.len();
+                (recv(fd, &mut self.buf, room), room)
+            }
+            ReadInto::Pool(len) => {
+                let room = (len as usize).min(POOL_BUF);
+                self.buf = pool.take();
+                let attempt = recv(fd, &mut self.buf, room);
+                if !matches!(attempt, Attempt::Done(n) if n > 0) {
+                    pool.put(std::mem::take(&mut self.buf));
+                }
+                (attempt, room)
+            }
+            ReadInto::Nothing => (peek(fd), 0),
+        }
+    }
+
+    /// The buffer its completion hands back: none for a pooled read that read nothing, nor
+    /// for a poll.
     fn into_buf(self) -> Option<Vec<u8>> {
-        (self.pooled == 0 || self.buf.capacity() > 0).then_some(self.buf)
+        match self.into {
+            ReadInto::Buf => Some(self.buf),
+            ReadInto::Pool(_) => (self.buf.capacity() > 0).then_some(self.buf),
+            ReadInto::Nothing => None,
+        }
     }
 }
 
@@ -260,6 +301,7 @@ impl Core {
             Sqe::Accept { fd }
             | Sqe::Recv { fd, .. }
             | Sqe::RecvPooled { fd, .. }
+            | Sqe::PollIn { fd }
             | Sqe::Send { fd, .. }
             | Sqe::Connect { fd, .. } => *fd,
         };
@@ -272,28 +314,17 @@ impl Core {
             self.fail(user_data, sqe, errno(&e));
             return;
         }
+        let sqe = match RecvOp::of(user_data, sqe) {
+            Ok(op) => {
+                if self.push_recv(fd, i, op) {
+                    self.parked.insert(user_data, fd);
+                }
+                return;
+            }
+            Err(sqe) => sqe,
+        };
         let st = &mut self.fds[i];
         match sqe {
-            Sqe::Recv { buf, .. } => {
-                let op = RecvOp {
-                    user_data,
-                    buf,
-                    pooled: 0,
-                };
-                if !self.push_recv(fd, i, op) {
-                    return;
-                }
-            }
-            Sqe::RecvPooled { len, .. } => {
-                let op = RecvOp {
-                    user_data,
-                    buf: Vec::new(),
-                    pooled: len.max(1),
-                };
-                if !self.push_recv(fd, i, op) {
-                    return;
-                }
-            }
             Sqe::Send {
                 buf, start, end, ..
             } => {
@@ -350,7 +381,9 @@ impl Core {
                 }
                 st.accept = Some(user_data);
             }
-            Sqe::Cancel { .. } => unreachable!("handled above"),
+            Sqe::Cancel { .. } | Sqe::Recv { .. } | Sqe::RecvPooled { .. } | Sqe::PollIn { .. } => {
+                unreachable!("handled above")
+            }
         }
         self.parked.insert(user_data, fd);
     }
@@ -384,6 +417,7 @@ impl Core {
         let buf = match sqe {
             Sqe::Recv { buf, .. } | Sqe::Send { buf, .. } => Some(buf),
             Sqe::RecvPooled { .. }
+            | Sqe::PollIn { .. }
             | Sqe::Accept { .. }
             | Sqe::Connect { .. }
             | Sqe::Cancel { .. } => None,
@@ -593,6 +627,22 @@ fn recv(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Attempt {
     }
 }
 
+/// Whether a read would not wait, without reading: `POLLIN` for bytes or an end of stream,
+/// `POLLERR` for a pending error (the read that follows reports it).
+fn peek(fd: RawFd) -> Attempt {
+    let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+    loop {
+        match with_socket(fd, |s| s.peek(&mut byte)) {
+            Ok(_) => return Attempt::Done(i32::from(libc::POLLIN)),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Attempt::Again,
+                _ => return Attempt::Done(i32::from(libc::POLLERR)),
+            },
+        }
+    }
+}
+
 /// One write of `op.buf[op.start..op.end]`; `SIGPIPE` is never raised (`EPIPE` instead).
 fn send(fd: RawFd, op: &SendOp) -> Attempt {
     let Some(bytes) = op.buf.get(op.start..op.end) else {
@@ -746,6 +796,11 @@ mod tests {
     #[test]
     fn pooled_recv_without_bytes_hands_over_nothing() {
         conformance::pooled_recv_without_bytes_hands_over_nothing(&mut Epoll::new().unwrap());
+    }
+
+    #[test]
+    fn poll_in_waits_and_reads_nothing() {
+        conformance::poll_in_waits_and_reads_nothing(&mut Epoll::new().unwrap());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::num::NonZeroU64;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -25,7 +26,8 @@ use std::time::{Duration, Instant};
 use codec::CloseCode;
 
 use crate::config::reload::Shared;
-use crate::conn::{Conn, CoreCtx, Event, Io, MIN_READ, OpKind};
+use crate::conn::{Conn, CoreCtx, Event, Io, OpKind};
+use crate::driver::park::{Next, Park};
 use crate::driver::{Backend, Cqe, Sqe};
 use crate::relay::lifecycle::Side;
 
@@ -69,6 +71,38 @@ fn op_bit(side: Side, kind: OpKind) -> u8 {
         (_, OpKind::Connect) => CONNECT,
     }
 }
+
+/// Index of `side` in [`Slot::parks`] and [`Slot::read_len`].
+fn side_ix(side: Side) -> usize {
+    match side {
+        Side::Client => 0,
+        Side::Backend => 1,
+    }
+}
+
+/// A deadline in whole milliseconds since the loop's epoch, rounded up so that none fires
+/// early: 8 bytes in a slot and 16 in a timer entry, where an `Instant` takes 16 and 24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Tick(NonZeroU64);
+
+impl Tick {
+    /// The first tick at or after `at`.
+    fn at(epoch: Instant, at: Instant) -> Self {
+        let ms = at
+            .saturating_duration_since(epoch)
+            .as_nanos()
+            .div_ceil(1_000_000);
+        Self(NonZeroU64::MIN.saturating_add(u64::try_from(ms).unwrap_or(u64::MAX)))
+    }
+
+    /// When the tick is.
+    fn instant(self, epoch: Instant) -> Instant {
+        epoch + Duration::from_millis(self.0.get() - 1)
+    }
+}
+
+/// The timer heap: (when, slot, generation), earliest first.
+type Timers = BinaryHeap<Reverse<(Tick, u32, u32)>>;
 
 /// A completion's result as the machines see it.
 fn to_result(result: i32) -> io::Result<usize> {
@@ -139,6 +173,9 @@ pub(crate) struct LoopArgs {
     pub(crate) drain: DrainReceiver,
     /// How long connections get to close once the drain begins.
     pub(crate) drain_timeout: Duration,
+    /// How long a pooled read waits before it is parked behind a poll (see `park.rs`);
+    /// `None`: never.
+    pub(crate) park_reads_after: Option<Duration>,
 }
 
 /// One connection's place in the loop.
@@ -154,8 +191,12 @@ struct Slot {
     backend: Option<OwnedFd>,
     /// Operations in flight, one bit each.
     inflight: u8,
+    /// Each side's pooled read, by [`side_ix`], as parking sees it.
+    parks: [Park; 2],
+    /// Each side's pooled read's length, to read again after a park or a buffer shortage.
+    read_len: [u32; 2],
     /// The earliest deadline the machine asked for and has not been woken for.
-    deadline: Option<Instant>,
+    deadline: Option<Tick>,
 }
 
 /// One core's loop over backend `B`.
@@ -167,7 +208,9 @@ pub(crate) struct EventLoop<B: Backend> {
     free: Vec<u32>,
     /// Deadlines by time: (when, slot, generation). Entries a slot no longer waits for are
     /// skipped when they come up.
-    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    timers: Timers,
+    /// What [`Tick`]s count from.
+    epoch: Instant,
     /// Connections with a slot (including those whose last operations are completing).
     live: usize,
     listeners: Vec<TcpListener>,
@@ -178,6 +221,10 @@ pub(crate) struct EventLoop<B: Backend> {
     drain: DrainReceiver,
     drain_timeout: Duration,
     drain_deadline: Option<Instant>,
+    /// How long a pooled read waits before it is parked.
+    park_reads_after: Option<Duration>,
+    /// When the next sweep ages waiting reads and parks those it saw waiting before.
+    next_sweep: Option<Instant>,
     /// Completions the loop makes itself (an operation on a socket that does not exist).
     synthetic: Vec<Cqe>,
     now: Instant,
@@ -192,7 +239,9 @@ impl<B: Backend> EventLoop<B> {
             shared,
             drain,
             drain_timeout,
+            park_reads_after,
         } = args;
+        let now = Instant::now();
         Self {
             backend,
             ctx: CoreCtx {
@@ -205,6 +254,7 @@ impl<B: Backend> EventLoop<B> {
             slots: Vec::new(),
             free: Vec::new(),
             timers: BinaryHeap::new(),
+            epoch: now,
             live: 0,
             listeners,
             accept_paused: Vec::new(),
@@ -213,8 +263,10 @@ impl<B: Backend> EventLoop<B> {
             drain,
             drain_timeout,
             drain_deadline: None,
+            park_reads_after,
+            next_sweep: park_reads_after.map(|d| now + d),
             synthetic: Vec::new(),
-            now: Instant::now(),
+            now,
         }
     }
 
@@ -252,12 +304,20 @@ impl<B: Backend> EventLoop<B> {
         if !self.synthetic.is_empty() {
             return Some(Duration::ZERO);
         }
-        let timer = self.timers.peek().map(|Reverse((at, ..))| *at);
-        [timer, self.accept_retry, self.drain_deadline]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|at| at.saturating_duration_since(Instant::now()))
+        let timer = self
+            .timers
+            .peek()
+            .map(|Reverse((at, ..))| at.instant(self.epoch));
+        [
+            timer,
+            self.accept_retry,
+            self.drain_deadline,
+            self.next_sweep,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     fn arm_accept(&mut self, listener: usize) {
@@ -292,34 +352,55 @@ impl<B: Backend> EventLoop<B> {
             debug_assert!(false, "completion for a finished operation: {cqe:?}");
             return;
         }
-        if cqe.result == -libc::ENOBUFS && op & (CLIENT_RECV | BACKEND_RECV) != 0 {
-            // A pooled read found every buffer in use: it goes again (the backend refills its
-            // buffers first), as a smaller read, which the machine's bound allows.
-            let fd = if op == CLIENT_RECV {
-                &s.client
-            } else {
-                &s.backend
-            };
-            if let Some(fd) = fd.as_ref().map(AsRawFd::as_raw_fd) {
-                let sqe = match cqe.buf {
-                    Some(buf) => Sqe::Recv { fd, buf },
-                    None => Sqe::RecvPooled {
-                        fd,
-                        len: MIN_READ as u32,
-                    },
-                };
-                self.backend.push(cqe.user_data, sqe);
-                self.ctx.metrics.read_buffer_wait();
-                return;
-            }
-        }
-        s.inflight &= !op;
-        let result = to_result(cqe.result);
         let side = if op & (CLIENT_RECV | CLIENT_SEND) != 0 {
             Side::Client
         } else {
             Side::Backend
         };
+        let mut cqe = cqe;
+        if op & (CLIENT_RECV | BACKEND_RECV) != 0 {
+            let i = side_ix(side);
+            let fd = match side {
+                Side::Client => s.client.as_ref(),
+                Side::Backend => s.backend.as_ref(),
+            }
+            .map(AsRawFd::as_raw_fd);
+            let next = s.parks[i].complete(cqe.result);
+            let sqe = match (next, fd) {
+                (Next::Deliver, _) => None,
+                (Next::Cancelled, _) => {
+                    cqe.result = -libc::ECANCELED;
+                    None
+                }
+                // The read found every buffer in use (the backend refills them before its next
+                // submission), or waited long and was parked: it goes again, the same read.
+                (Next::Read, Some(fd)) => {
+                    if cqe.result == -libc::ENOBUFS {
+                        self.ctx.metrics.read_buffer_wait();
+                    }
+                    Some(Sqe::RecvPooled {
+                        fd,
+                        len: s.read_len[i],
+                    })
+                }
+                (Next::Poll, Some(fd)) => {
+                    self.ctx.metrics.read_parked();
+                    Some(Sqe::PollIn { fd })
+                }
+                // Cannot happen (a socket is kept while its read is in flight): end the read.
+                (Next::Read | Next::Poll, None) => {
+                    s.parks[i] = Park::default();
+                    cqe.result = -libc::EBADF;
+                    None
+                }
+            };
+            if let Some(sqe) = sqe {
+                self.backend.push(cqe.user_data, sqe);
+                return;
+            }
+        }
+        s.inflight &= !op;
+        let result = to_result(cqe.result);
         let buf = cqe.buf.unwrap_or_default();
         let event = match op {
             CLIENT_RECV | BACKEND_RECV => Event::Received { side, buf, result },
@@ -351,6 +432,7 @@ impl<B: Backend> EventLoop<B> {
         let mut io = SlotIo {
             backend: &mut self.backend,
             timers: &mut self.timers,
+            epoch: self.epoch,
             synthetic: &mut self.synthetic,
             slot: &mut self.slots[index as usize],
             index,
@@ -395,6 +477,12 @@ impl<B: Backend> EventLoop<B> {
     }
 
     fn fire_timers(&mut self) {
+        if let (Some(at), Some(every)) = (self.next_sweep, self.park_reads_after)
+            && at <= self.now
+        {
+            self.sweep();
+            self.next_sweep = Some(self.now + every);
+        }
         if self.accept_retry.is_some_and(|at| at <= self.now) {
             self.accept_retry = None;
             if self.drain_deadline.is_none() {
@@ -404,7 +492,7 @@ impl<B: Backend> EventLoop<B> {
             }
         }
         while let Some(&Reverse((at, index, generation))) = self.timers.peek() {
-            if at > self.now {
+            if at.instant(self.epoch) > self.now {
                 break;
             }
             self.timers.pop();
@@ -414,6 +502,23 @@ impl<B: Backend> EventLoop<B> {
             }
             slot.deadline = None;
             self.deliver(index, Event::Timer);
+        }
+    }
+
+    /// Ages every waiting pooled read, and parks those the last sweep saw waiting already:
+    /// each is cancelled, to wait as a poll (see `park.rs`). One pass over the slots per
+    /// `park_reads_after`.
+    fn sweep(&mut self) {
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if slot.inflight & (CLIENT_RECV | BACKEND_RECV) == 0 {
+                continue;
+            }
+            for (i, op) in [(0, CLIENT_RECV), (1, BACKEND_RECV)] {
+                if slot.inflight & op != 0 && slot.parks[i].sweep() {
+                    let target = user_data(index as u32, slot.generation, op);
+                    self.backend.push(u64::MAX, Sqe::Cancel { target });
+                }
+            }
         }
     }
 
@@ -499,7 +604,8 @@ impl<B: Backend> EventLoop<B> {
 /// A connection's view of the loop while it handles one event.
 struct SlotIo<'a, B: Backend> {
     backend: &'a mut B,
-    timers: &'a mut BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    timers: &'a mut Timers,
+    epoch: Instant,
     synthetic: &'a mut Vec<Cqe>,
     slot: &'a mut Slot,
     index: u32,
@@ -553,9 +659,12 @@ impl<B: Backend> Io for SlotIo<'_, B> {
             // Nothing to append to: the read takes a pool buffer when bytes arrive.
             self.backend.recycle(buf);
             let len = u32::try_from(len).unwrap_or(u32::MAX);
+            self.slot.parks[side_ix(side)] = Park::read();
+            self.slot.read_len[side_ix(side)] = len;
             self.push(op, side, |fd| Sqe::RecvPooled { fd, len });
         } else {
             buf.reserve(len.max(1));
+            self.slot.parks[side_ix(side)] = Park::default();
             self.push(op, side, |fd| Sqe::Recv { fd, buf });
         }
     }
@@ -599,7 +708,9 @@ impl<B: Backend> Io for SlotIo<'_, B> {
 
     fn cancel(&mut self, side: Side, kind: OpKind) {
         let op = op_bit(side, kind);
-        if self.slot.inflight & op != 0 {
+        // A parked read may have its own cancel on the way already, or none to cancel.
+        let ask = kind != OpKind::Recv || self.slot.parks[side_ix(side)].cancel();
+        if self.slot.inflight & op != 0 && ask {
             let target = user_data(self.index, self.slot.generation, op);
             self.backend.push(u64::MAX, Sqe::Cancel { target });
         }
@@ -612,6 +723,7 @@ impl<B: Backend> Io for SlotIo<'_, B> {
     }
 
     fn wake_at(&mut self, at: Instant) {
+        let at = Tick::at(self.epoch, at);
         if self.slot.deadline.is_none_or(|d| at < d) {
             self.slot.deadline = Some(at);
             self.timers
@@ -638,6 +750,36 @@ mod tests {
         }
         // Generations wrap within their bits.
         assert_eq!(split(user_data(1, GEN_MASK + 2, WAKE)).1, 1);
+    }
+
+    #[test]
+    fn ticks_never_come_early() {
+        let epoch = Instant::now();
+        for ns in [0, 1, 999_999, 1_000_000, 1_000_001, 7_300_000_000] {
+            let at = epoch + Duration::from_nanos(ns);
+            let tick = Tick::at(epoch, at);
+            assert!(tick.instant(epoch) >= at, "{ns} ns");
+            assert!(
+                tick.instant(epoch) < at + Duration::from_millis(1),
+                "{ns} ns"
+            );
+        }
+        // Before the epoch is the epoch.
+        let early = Tick::at(epoch + Duration::from_secs(1), epoch);
+        assert_eq!(
+            early.instant(epoch + Duration::from_secs(1)),
+            epoch + Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn a_slot_stays_small() {
+        // One per connection, in a vector that grows by doubling.
+        assert!(
+            size_of::<Slot>() <= 56,
+            "Slot is {} bytes",
+            size_of::<Slot>()
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::time::Duration;
 mod conformance;
 pub(crate) mod epoll;
 pub(crate) mod event_loop;
+pub(crate) mod park;
 pub(crate) mod uring;
 
 /// An operation for a backend. Buffers move in with it and come back with its [`Cqe`].
@@ -50,6 +51,15 @@ pub(crate) enum Sqe {
         fd: RawFd,
         /// The most bytes to read (capped at [`POOL_BUF`]).
         len: u32,
+    },
+    /// Waits until a read of `fd` would not wait (bytes, an end of stream or an error are
+    /// there), reads nothing and completes with a positive poll mask. It takes a read's place
+    /// (one of the two per socket) and is cancelled like one. A waiting read holds more of
+    /// the kernel's memory than a poll does on io_uring: this is how a long-idle read waits
+    /// cheaply (see `driver/park.rs`).
+    PollIn {
+        /// The socket.
+        fd: RawFd,
     },
     /// One write of `buf[start..end]`; it may be short (the result says how much went).
     Send {

@@ -14,8 +14,8 @@
 //!
 //! Pooled reads (`Sqe::RecvPooled`) go through a provided-buffer ring: the kernel takes a buffer
 //! from it only when bytes arrive, so a connection waiting for input lends it none, and they
-//! need no table slot either (their ring user data is the loop's own with [`POOLED`] set), so
-//! an idle connection costs this backend nothing. Each buffer the ring names is owned by
+//! need no table slot either (their ring user data is the loop's own with [`SLOTLESS`] set,
+//! as is a poll's, which lends nothing), so an idle connection costs this backend nothing. Each buffer the ring names is owned by
 //! [`BufRing`] until a completion reports its id; then it is handed out and the ring gets a
 //! fresh one in its place before the next submission. A read that finds the ring empty (a
 //! burst larger than the ring between two reaps) completes with `ENOBUFS`, which the loop
@@ -41,15 +41,16 @@ use socket2::SockAddr;
 use super::{Backend, BufPool, Cqe, POOL_BUF, Sqe};
 
 /// Ring user data of the cancels this backend issues, whose completions are swallowed. No slot
-/// has it (table keys keep the top bit clear), nor a pooled read (loop slots stay far below
-/// 2^31 - 1).
+/// has it (table keys keep the top bit clear), nor a slotless operation (loop slots stay far
+/// below 2^31 - 1).
 const CANCEL: u64 = u64::MAX;
 
-/// Set in the ring user data of a pooled read, which is otherwise the loop's own (whose top
-/// bit is clear: see [`Sqe::RecvPooled`]); table keys have it clear.
-const POOLED: u64 = 1 << 63;
+/// Set in the ring user data of an operation that lends the kernel nothing of ours and so has
+/// no table slot (a pooled read, a poll), which is otherwise the loop's own (whose top bit is
+/// clear: see [`Sqe::RecvPooled`]); table keys have it clear.
+const SLOTLESS: u64 = 1 << 63;
 
-/// The generation bits of a table key (31, so that keys keep [`POOLED`] clear).
+/// The generation bits of a table key (31, so that keys keep [`SLOTLESS`] clear).
 const KEY_GENERATION: u32 = 0x7FFF_FFFF;
 
 /// [`Uring::setup`] when the kernel took `SINGLE_ISSUER` and `DEFER_TASKRUN` (6.1 and later):
@@ -86,8 +87,8 @@ pub(crate) struct Uring {
     backlog: VecDeque<squeue::Entry>,
     /// The buffers pooled reads pick from.
     bufs: BufRing,
-    /// Pooled reads in flight (they have no table slot).
-    pooled: usize,
+    /// Pooled reads and polls in flight (they have no table slot).
+    slotless: usize,
     /// Not `Send`: with `SINGLE_ISSUER` only the thread that created the ring may enter it.
     _thread: PhantomData<*const ()>,
 }
@@ -118,7 +119,7 @@ impl Uring {
             slab: Slab::default(),
             backlog: VecDeque::new(),
             bufs,
-            pooled: 0,
+            slotless: 0,
             _thread: PhantomData,
         })
     }
@@ -155,7 +156,7 @@ impl Uring {
     }
 
     /// Cancels the in-flight operation pushed with `target` (at most one, by the loop's
-    /// rules): the one in the table, else a pooled read (a cancel that finds nothing, because
+    /// rules): the one in the table, else a pooled read or a poll (a cancel that finds nothing, because
     /// the read already completed, does nothing).
     fn cancel(&mut self, target: u64) {
         let mut found = false;
@@ -167,8 +168,8 @@ impl Uring {
                 found = true;
             }
         }
-        if !found && self.pooled > 0 {
-            let entry = opcode::AsyncCancel::new(target | POOLED).build();
+        if !found && self.slotless > 0 {
+            let entry = opcode::AsyncCancel::new(target | SLOTLESS).build();
             self.queue(entry.user_data(CANCEL));
         }
     }
@@ -180,7 +181,7 @@ impl Uring {
             ring,
             slab,
             bufs,
-            pooled,
+            slotless,
             ..
         } = self;
         for cqe in ring.completion() {
@@ -188,15 +189,16 @@ impl Uring {
             if key == CANCEL {
                 continue;
             }
-            if key & POOLED == 0 {
+            if key & SLOTLESS == 0 {
                 if let Some(done) = slab.complete(key, result, cqe.flags()) {
                     out.push(done);
                 }
                 continue;
             }
-            *pooled -= 1;
+            // A pooled read or a poll: only a read that read bytes comes with a buffer.
+            *slotless -= 1;
             let mut done = Cqe {
-                user_data: key & !POOLED,
+                user_data: key & !SLOTLESS,
                 result,
                 buf: None,
                 accepted: None,
@@ -225,15 +227,26 @@ impl Backend for Uring {
         let op = match sqe {
             Sqe::Cancel { target } => return self.cancel(target),
             Sqe::RecvPooled { fd, len } => {
-                debug_assert_eq!(user_data & POOLED, 0, "a pooled read's user data");
+                debug_assert_eq!(user_data & SLOTLESS, 0, "a pooled read's user data");
                 let len = len.clamp(1, op_len(POOL_BUF));
                 // A read rather than a recv, as for `Op::Recv` (half the kernel state).
                 let entry = opcode::Read::new(types::Fd(fd), std::ptr::null_mut(), len)
                     .buf_group(BGID)
                     .build()
                     .flags(squeue::Flags::BUFFER_SELECT)
-                    .user_data(user_data | POOLED);
-                self.pooled += 1;
+                    .user_data(user_data | SLOTLESS);
+                self.slotless += 1;
+                return self.queue(entry);
+            }
+            Sqe::PollIn { fd } => {
+                debug_assert_eq!(user_data & SLOTLESS, 0, "a poll's user data");
+                // Oneshot: it holds only its request while it waits, where a read also holds
+                // its read state and an internal poll entry.
+                let mask = u32::try_from(libc::POLLIN | libc::POLLRDHUP).unwrap_or(0);
+                let entry = opcode::PollAdd::new(types::Fd(fd), mask)
+                    .build()
+                    .user_data(user_data | SLOTLESS);
+                self.slotless += 1;
                 return self.queue(entry);
             }
             Sqe::Accept { fd } => Op::Accept { fd },
@@ -303,7 +316,7 @@ impl Drop for Uring {
     /// Cancels what is still in flight and waits (briefly) for it, so that no buffer is freed
     /// while the kernel may still write into it; what does not come back in time is leaked.
     fn drop(&mut self) {
-        let in_flight = |ring: &Self| ring.slab.in_flight() + ring.pooled;
+        let in_flight = |ring: &Self| ring.slab.in_flight() + ring.slotless;
         if in_flight(self) == 0 {
             drop(self.ring.submitter().unregister_buf_ring(BGID));
             return;
@@ -1068,11 +1081,18 @@ mod tests {
     }
 
     #[test]
+    fn poll_in_waits_and_reads_nothing() {
+        let mut ring = Uring::new(8).unwrap();
+        conformance::poll_in_waits_and_reads_nothing(&mut ring);
+        assert_eq!((ring.slab.in_flight(), ring.slotless), (0, 0));
+    }
+
+    #[test]
     fn a_burst_larger_than_the_buffer_ring_waits_for_buffers() {
         let mut ring = Uring::with_bufs(32, 2).unwrap();
         let starved = conformance::a_burst_of_pooled_reads_all_complete(&mut ring, 9);
         assert!(starved > 0, "no read found the ring empty");
-        assert_eq!((ring.slab.in_flight(), ring.pooled), (0, 0));
+        assert_eq!((ring.slab.in_flight(), ring.slotless), (0, 0));
     }
 
     #[test]
