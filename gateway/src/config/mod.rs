@@ -56,6 +56,8 @@ const DEFAULT_PARK_READS_AFTER: Duration = Duration::from_secs(5);
 /// The relay reads at least this much at a time, so a smaller `write_buffer` could not be
 /// honoured.
 const MIN_WRITE_BUFFER: u64 = crate::conn::MIN_READ as u64;
+/// The most `limits.write_buffer` may be: the relay keeps positions in its buffers in 4 bytes.
+const MAX_WRITE_BUFFER: u64 = 1 << 30;
 /// The sections a file may have, for the message about any other.
 const SECTIONS: &str = "[server], [[listener]], [limits], [timeouts], [[route]], [upstream.NAME]";
 
@@ -1128,12 +1130,19 @@ impl RawLimits {
             DEFAULT_MAX_CONNECTIONS_PER_IP,
             0,
         );
-        let write_buffer = p.at_least(
+        let mut write_buffer = p.at_least(
             "limits.write_buffer",
             self.write_buffer,
             DEFAULT_WRITE_BUFFER,
             MIN_WRITE_BUFFER,
         );
+        if write_buffer > MAX_WRITE_BUFFER {
+            p.add(
+                "limits.write_buffer",
+                format!("{write_buffer} must be at most {MAX_WRITE_BUFFER}"),
+            );
+            write_buffer = DEFAULT_WRITE_BUFFER;
+        }
         GlobalLimits {
             handshake_timeout,
             head_limits: HeadLimits {

@@ -27,6 +27,7 @@ mod fake;
 pub(crate) mod fuzzing;
 #[cfg(test)]
 mod sim;
+pub(crate) mod stamp;
 
 /// An operation a machine has in flight, per leg: at most one of each kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,10 +302,6 @@ pub(crate) struct Outcome {
     pub(crate) close_code: Option<CloseCode>,
     /// Who sent it: "client", "backend" or "gateway".
     pub(crate) closed_by: Option<Closer>,
-    /// Payload bytes client to backend.
-    pub(crate) bytes_in: u64,
-    /// Payload bytes backend to client.
-    pub(crate) bytes_out: u64,
     /// The close handshake did not finish within the close timeout.
     pub(crate) timed_out: bool,
     /// Why the connection ended, in words (the gateway's close reason, or which peer
@@ -327,7 +324,7 @@ pub(crate) struct LogLine {
     /// The backend, as (pool, backend) indices in `generation`; `None` for the echo.
     pub(crate) backend: Option<(u32, u32)>,
     /// When the connection was accepted.
-    pub(crate) started: Instant,
+    pub(crate) started: stamp::Stamp,
 }
 
 /// The per-connection settings a configuration implies for `route`, with permessage-deflate
@@ -411,15 +408,16 @@ impl LogLine {
         }
     }
 
-    /// Writes the connection's access log line.
-    pub(crate) fn write(&self, o: &Outcome) {
+    /// Writes the connection's access log line; `bytes` are the payload bytes relayed client
+    /// to backend and back (the forwarders count them: the outcome does not repeat them).
+    pub(crate) fn write(&self, o: &Outcome, [bytes_in, bytes_out]: [u64; 2]) {
         tracing::info!(
             client = %self.client,
             path = &*self.path,
             backend = self.backend_name(),
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            bytes_in = o.bytes_in,
-            bytes_out = o.bytes_out,
+            duration_ms = self.started.instant().elapsed().as_millis() as u64,
+            bytes_in,
+            bytes_out,
             route = self.route_name(),
             close_code = log_close_code(o),
             closed_by = o.closed_by.unwrap_or(Closer::Gateway).as_str(),

@@ -416,10 +416,8 @@ impl Echo {
             self.outcome.closed_by = Some(Closer::Gateway);
             self.outcome.reason = Some("client stopped reading");
         }
-        self.outcome.bytes_in = self.pump.fwd.payload_bytes;
-        self.outcome.bytes_out = self.pump.fwd.payload_bytes;
         if let Some(up) = self.up.take() {
-            up.log.write(&self.outcome);
+            up.log.write(&self.outcome, self.bytes());
         }
         self.pump.buf = None;
     }
@@ -428,6 +426,11 @@ impl Echo {
     #[cfg(test)]
     pub(crate) fn outcome(&self) -> Outcome {
         self.outcome
+    }
+
+    /// Payload bytes in and out: the echo's are the same.
+    fn bytes(&self) -> [u64; 2] {
+        [self.pump.fwd.payload_bytes; 2]
     }
 }
 
@@ -492,10 +495,7 @@ mod tests {
         assert!(io.read_shut(Side::Client), "the gateway closes TCP at once");
         let o = echo.outcome();
         assert_eq!(o.close_code, Some(CloseCode::NORMAL));
-        assert_eq!(
-            (o.closed_by, o.bytes_in, o.bytes_out),
-            (Some(Closer::Client), 5, 5)
-        );
+        assert_eq!((o.closed_by, echo.bytes()), (Some(Closer::Client), [5, 5]));
     }
 
     #[test]

@@ -91,7 +91,13 @@ enum FrameState {
 }
 
 /// [`Forwarder::frame_start`] when no data frame's header is in the unflushed output.
-const NO_FRAME: usize = usize::MAX;
+const NO_FRAME: u32 = u32::MAX;
+
+/// A position in a direction's buffer, kept in 4 bytes: a buffer holds at most
+/// `limits.write_buffer` (1 GiB at most) plus one frame header.
+fn pos(at: usize) -> u32 {
+    u32::try_from(at).expect("buffer positions stay below 4 GiB")
+}
 
 /// One direction of a relayed (or echoed) connection.
 ///
@@ -110,14 +116,14 @@ pub(crate) struct Forwarder {
     /// Payload bytes written to the output.
     pub(crate) payload_bytes: u64,
     /// The first unprocessed byte of the buffer.
-    read: usize,
+    read: u32,
     /// The end of the output at the front of the buffer.
-    written: usize,
+    written: u32,
     /// Where the current data frame's header sits in the unflushed output, so a violation
     /// inside it can take the whole frame back.
     /// ([`NO_FRAME`] when none is: a sentinel, not an `Option`, keeps an idle connection in
     /// the allocator's smaller size class.)
-    frame_start: usize,
+    frame_start: u32,
 }
 
 impl Forwarder {
@@ -139,12 +145,12 @@ impl Forwarder {
     /// forgets it.
     fn take_frame_start(&mut self) -> Option<usize> {
         let at = std::mem::replace(&mut self.frame_start, NO_FRAME);
-        (at != NO_FRAME).then_some(at)
+        (at != NO_FRAME).then_some(at as usize)
     }
 
     /// The bytes at the front of the buffer that go to the other side.
     pub(crate) fn output_len(&self) -> usize {
-        self.written
+        self.written as usize
     }
 
     /// Whether the caller should write the output now: always at a frame boundary or when
@@ -153,7 +159,7 @@ impl Forwarder {
     pub(crate) fn should_flush(&self, limit: usize, step: &Step) -> bool {
         self.written > 0
             && (!self.output_mid_frame()
-                || self.written >= limit
+                || self.written as usize >= limit
                 || !matches!(step, Step::NeedInput))
     }
 
@@ -161,7 +167,7 @@ impl Forwarder {
     /// buffer (the output and the input it consumed), after which the buffer starts with
     /// unprocessed bytes. A frame begun in the output can no longer be taken back.
     pub(crate) fn flushed(&mut self) -> usize {
-        let consumed = self.read;
+        let consumed = self.read as usize;
         self.read = 0;
         self.written = 0;
         self.frame_start = NO_FRAME;
@@ -201,7 +207,8 @@ impl Forwarder {
     /// Decodes and checks a header; data frame headers go to the output at once.
     fn begin_frame(&mut self, buf: &mut [u8]) -> Progress {
         let role = self.validator.role();
-        let input = &buf[self.read..];
+        let read = self.read as usize;
+        let input = &buf[read..];
         let (header, len) = match FrameHeader::decode(input, role, self.validator.allowed_rsv()) {
             Ok(Decoded::Header { header, len }) => (header, len),
             Ok(Decoded::Incomplete { .. }) => return Ok(Flow::Starved),
@@ -220,12 +227,12 @@ impl Forwarder {
             PayloadKind::Control => unreachable!("control frames are handled above"),
             kind => {
                 let out_key = self.out_key();
-                let at = self.written;
+                let at = self.written as usize;
                 let n = match self.mode {
                     // The sender's header as it came (same length, same flags), with our key
                     // in place of the sender's: the payload then stays where it is.
                     Mode::Relay { .. } => {
-                        buf.copy_within(self.read..self.read + len, at);
+                        buf.copy_within(read..read + len, at);
                         if let Some(key) = out_key {
                             buf[at + len - 4..at + len].copy_from_slice(&key);
                         }
@@ -242,9 +249,9 @@ impl Forwarder {
                         n
                     }
                 };
-                self.frame_start = at;
-                self.written += n;
-                self.read += len;
+                self.frame_start = pos(at);
+                self.written = pos(at + n);
+                self.read = pos(read + len);
                 self.frames += 1;
                 self.state = FrameState::Data {
                     remaining: header.payload_len,
@@ -278,21 +285,21 @@ impl Forwarder {
                 Err(e) => {
                     // Text ending inside a character: take the frame back if it has not left.
                     if let Some(frame) = unflushed {
-                        self.written = frame;
+                        self.written = pos(frame);
                         self.frames -= 1;
                     }
                     Err(e)
                 }
             };
         }
-        let n = (*remaining).min((buf.len() - self.read) as u64) as usize;
+        let (read, start) = (self.read as usize, self.written as usize);
+        let n = (*remaining).min((buf.len() - read) as u64) as usize;
         if n == 0 {
             return Ok(Flow::Starved);
         }
-        let start = self.written;
-        if start != self.read {
+        if start != read {
             // Output fell behind (a header shrank, a frame was absorbed): move the payload up.
-            buf.copy_within(self.read..self.read + n, start);
+            buf.copy_within(read..read + n, start);
         }
         let chunk = &mut buf[start..start + n];
         let at = usize::from(*offset);
@@ -304,7 +311,7 @@ impl Forwarder {
                 if let Some(frame) = self.take_frame_start() {
                     // Nothing of this frame has left yet: drop it whole, so the output ends
                     // on a frame boundary and a close frame can follow.
-                    self.written = frame;
+                    self.written = pos(frame);
                     self.state = FrameState::Header;
                     self.frames -= 1;
                 }
@@ -325,8 +332,8 @@ impl Forwarder {
         }
         *remaining -= n as u64;
         *offset = ((usize::from(*offset) + n) % 4) as u8;
-        self.read += n;
-        self.written += n;
+        self.read = pos(read + n);
+        self.written = pos(start + n);
         self.payload_bytes += n as u64;
         Ok(Flow::Advanced)
     }
@@ -343,7 +350,8 @@ impl Forwarder {
     ) -> Progress {
         self.validator.begin_frame(header)?;
         self.validator.end_frame()?;
-        let payload = &buf[self.read + header_len..self.read + total];
+        let read = self.read as usize;
+        let payload = &buf[read + header_len..read + total];
         let mut control = ControlPayload {
             buf: [0; MAX_CONTROL_PAYLOAD],
             len: payload.len() as u8,
@@ -355,7 +363,7 @@ impl Forwarder {
         let reply = match (header.opcode, self.mode) {
             (OpCode::Close, _) => {
                 close::parse_close(control.bytes())?;
-                self.read += total;
+                self.read = pos(read + total);
                 return Ok(Flow::Stop(Step::Close(Box::new(control))));
             }
             (OpCode::Ping, Mode::Echo) => Some((OpCode::Pong, None)),
@@ -371,17 +379,17 @@ impl Forwarder {
             let body = control.bytes();
             let mut head = [0; MAX_HEADER_LEN];
             let head_len = FrameHeader::new(true, opcode, key, body.len() as u64).encode(&mut head);
-            let at = self.written;
+            let at = self.written as usize;
             buf[at..at + head_len].copy_from_slice(&head[..head_len]);
             let out = &mut buf[at + head_len..at + head_len + body.len()];
             out.copy_from_slice(body);
             if let Some(key) = key {
                 mask::apply_mask(out, key);
             }
-            self.written += head_len + body.len();
+            self.written = pos(at + head_len + body.len());
             self.frames += 1;
         }
-        self.read += total;
+        self.read = pos(read + total);
         Ok(Flow::Advanced)
     }
 }

@@ -13,6 +13,7 @@ use std::time::Instant;
 use codec::CloseCode;
 use codec::frame::{OpCode, write_frame};
 
+use crate::conn::stamp::Stamp;
 use crate::conn::{Io, MIN_READ};
 use crate::metrics::{CloseDirection, CoreMetrics, Direction};
 use crate::relay::forward::KEEPALIVE_PAYLOAD;
@@ -76,11 +77,11 @@ pub(crate) struct Leg {
     /// Shut the socket down both ways once the close is settled (a dead peer).
     kill_after_close: bool,
     /// When bytes last arrived from this peer (pongs included): liveness for keepalive.
-    pub(crate) last_seen: Instant,
+    pub(crate) last_seen: Stamp,
     /// When the gateway last pinged this peer.
-    pinged: Option<Instant>,
+    pinged: Option<Stamp>,
     /// While a write is in flight: when it started or last moved bytes.
-    write_since: Option<Instant>,
+    write_since: Option<Stamp>,
 }
 
 impl Leg {
@@ -98,7 +99,7 @@ impl Leg {
             shut_write: false,
             aborted: false,
             kill_after_close: false,
-            last_seen: now,
+            last_seen: Stamp::at(now),
             pinged: None,
             write_since: None,
         }
@@ -192,7 +193,7 @@ impl Leg {
     pub(crate) fn received(&mut self, got_bytes: bool, now: Instant) {
         self.recv = false;
         if got_bytes {
-            self.last_seen = now;
+            self.last_seen = Stamp::at(now);
         }
     }
 
@@ -207,7 +208,7 @@ impl Leg {
     ) {
         debug_assert!(self.send == Sending::Idle, "one write per leg");
         self.send = what;
-        self.write_since = Some(now);
+        self.write_since = Some(Stamp::at(now));
         io.send(self.side, buf, start, end);
     }
 
@@ -220,7 +221,7 @@ impl Leg {
     /// Whether the write in flight moved no bytes for the write timeout.
     pub(crate) fn stalled(&self, now: Instant, write: WriteTimeout) -> bool {
         self.write_since
-            .is_some_and(|since| write.expired(now.saturating_duration_since(since)))
+            .is_some_and(|since| write.expired(now.saturating_duration_since(since.instant())))
     }
 
     /// When the write in flight times out if it moves no more bytes: one wake-up per timeout
@@ -228,7 +229,7 @@ impl Leg {
     /// already past (the caller found the write stalled) is looked at again a tick later.
     pub(crate) fn write_check(&self, now: Instant, write: WriteTimeout) -> Option<Instant> {
         let since = self.write_since.filter(|_| write.enabled())?;
-        let at = since + write.duration();
+        let at = since.instant() + write.duration();
         Some(if at > now { at } else { now + write.tick() })
     }
 
@@ -264,7 +265,7 @@ impl Leg {
         if self.busy() {
             return;
         }
-        self.pinged = Some(now);
+        self.pinged = Some(Stamp::at(now));
         if !self.close_decided() && !self.shut_write {
             self.write_control(io, OpCode::Ping, KEEPALIVE_PAYLOAD, now);
         }
@@ -319,7 +320,11 @@ impl Leg {
 
     /// What keepalive says of this leg at `now`.
     pub(crate) fn verdict(&self, keepalive: &Keepalive, now: Instant) -> Verdict {
-        keepalive.verdict(now, self.last_seen, self.pinged)
+        keepalive.verdict(
+            now,
+            self.last_seen.instant(),
+            self.pinged.map(Stamp::instant),
+        )
     }
 
     /// When this leg's keepalive verdict can next change.
@@ -328,8 +333,8 @@ impl Leg {
             return None;
         }
         Some(match self.pinged {
-            Some(at) if at >= self.last_seen => at + keepalive.pong_timeout,
-            _ => self.last_seen + keepalive.ping_interval,
+            Some(at) if at >= self.last_seen => at.instant() + keepalive.pong_timeout,
+            _ => self.last_seen.instant() + keepalive.ping_interval,
         })
     }
 }
@@ -344,7 +349,7 @@ pub(crate) fn keepalive_deadline(
     if !keepalive.enabled() {
         return None;
     }
-    let latest = legs.iter().map(|leg| leg.last_seen).max()?;
+    let latest = legs.iter().map(|leg| leg.last_seen).max()?.instant();
     let idle = (!keepalive.idle.is_zero()).then(|| latest + keepalive.idle);
     let next = legs
         .iter()
@@ -375,7 +380,7 @@ pub(crate) fn keepalive_check(
     io: &mut dyn Io,
     now: Instant,
 ) -> Option<Alarm> {
-    let latest = legs.iter().map(|leg| leg.last_seen).max()?;
+    let latest = legs.iter().map(|leg| leg.last_seen).max()?.instant();
     if keepalive.is_idle(now, latest) {
         return Some(Alarm::Idle);
     }
@@ -416,7 +421,7 @@ pub(crate) struct Pump {
     /// The next read's size: doubles while reads fill it, up to the buffer limit.
     read_size: u32,
     /// Bytes of the output written so far in the current flush.
-    sent: usize,
+    sent: u32,
 }
 
 /// How a pump's write came back.
@@ -505,7 +510,7 @@ impl Pump {
     pub(crate) fn write(&mut self, dst: &mut Leg, io: &mut dyn Io, now: Instant) {
         let buf = self.buf.take().expect("a pump writes only with its buffer");
         let end = self.fwd.output_len();
-        dst.send(io, Sending::Data, buf, (self.sent, end), now);
+        dst.send(io, Sending::Data, buf, (self.sent as usize, end), now);
     }
 
     /// A write to `dst` came back with `buf`.
@@ -521,8 +526,10 @@ impl Pump {
         self.buf = Some(buf);
         match result {
             Ok(n) if *n > 0 => {
-                self.sent += n;
-                if self.sent < self.fwd.output_len() {
+                // At most the output, whose length fits (see `forward::pos`).
+                let sent = (self.sent as usize + n).min(self.fwd.output_len());
+                self.sent = u32::try_from(sent).unwrap_or(u32::MAX);
+                if sent < self.fwd.output_len() {
                     self.write(dst, io, now);
                     return Flushed::More;
                 }
@@ -865,7 +872,7 @@ pub(crate) mod testio {
                     generation: ctx.shared.current(),
                     route: 0,
                     backend: None,
-                    started: Instant::now(),
+                    started: crate::conn::stamp::Stamp::at(Instant::now()),
                 },
                 admitted,
                 active,

@@ -20,6 +20,7 @@ use codec::handshake::{
 
 use crate::config::reload::{Generation, PoolRuntime};
 use crate::config::{Balance, Config, Route, Upstream};
+use crate::conn::stamp::Stamp;
 use crate::conn::{
     CoreCtx, Event, Io, Kept, LogLine, OpKind, Phase, UpgradeStep, Upgraded, compact, unpool,
 };
@@ -1007,7 +1008,7 @@ impl Conn {
                     generation: Arc::clone(&self.generation),
                     route: routed.route as u32,
                     backend: name,
-                    started: self.started,
+                    started: Stamp::at(self.started),
                 },
                 admitted: routed.admitted,
                 active,
@@ -1657,7 +1658,7 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
             ),
             ("/echo/x", "/echo", "echo")
         );
-        assert_eq!(up.kept.log.started, started);
+        assert_eq!(up.kept.log.started.instant(), started);
         assert_eq!(h.ctx.shared.admission.total(), 1, "the slot goes with it");
         assert_eq!(h.upgrades(101), 1);
         drop(up);
