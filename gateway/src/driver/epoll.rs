@@ -742,51 +742,16 @@ impl Hasher for MixHasher {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
-    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::os::fd::{AsRawFd, OwnedFd};
     use std::thread;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use socket2::{Domain, SockRef, Socket, Type};
+    use socket2::{Domain, Socket, Type};
 
-    use super::{Backend, Cqe, Epoll, Sqe};
-    use crate::driver::conformance::{self, collect, pair as nb_pair, quiet};
-
-    /// A connected loopback pair: a plain blocking std socket as the peer, and the other end,
-    /// still blocking, for the test to prepare before it hands it to the backend.
-    fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        (peer, ours)
-    }
-
-    /// The one completion of the one operation in flight.
-    fn one(ep: &mut Epoll) -> Cqe {
-        collect(ep, 1).pop().unwrap()
-    }
-
-    /// Recognisable bytes, not a short period, so misordered or lost chunks show.
-    fn pattern(len: usize) -> Vec<u8> {
-        let mut x: u32 = 0x9e37_79b9;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
-    }
-
-    /// The `flags:` of an open fd, from procfs.
-    fn fd_flags(fd: &impl AsRawFd) -> i32 {
-        let info =
-            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
-        let line = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
-        i32::from_str_radix(line.trim(), 8).unwrap()
-    }
+    use super::{Backend, Epoll, Sqe};
+    use crate::driver::conformance::{self, one, pair, pattern, quiet};
 
     #[test]
     fn pooled_recv_hands_over_a_pool_buffer() {
@@ -814,57 +779,10 @@ mod tests {
     }
 
     #[test]
-    fn accepts_several_connections_until_cancelled() {
-        let mut ep = Epoll::new().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        ep.push(
-            1,
-            Sqe::Accept {
-                fd: listener.as_raw_fd(),
-            },
+    fn multishot_accept_gets_each_connection_until_cancelled() {
+        conformance::multishot_accept_gets_each_connection_until_cancelled(
+            &mut Epoll::new().unwrap(),
         );
-        let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
-
-        let accepted = collect(&mut ep, 3);
-        let mut peers: Vec<SocketAddr> = Vec::new();
-        for c in &accepted {
-            assert_eq!((c.user_data, c.result, c.more), (1, 0, true));
-            let fd = c.accepted.as_ref().expect("an accepted socket");
-            let flags = fd_flags(fd);
-            assert_ne!(
-                flags & libc::O_NONBLOCK,
-                0,
-                "accepted sockets are non-blocking"
-            );
-            assert_ne!(
-                flags & libc::O_CLOEXEC,
-                0,
-                "accepted sockets are close-on-exec"
-            );
-            peers.push(SockRef::from(fd).peer_addr().unwrap().as_socket().unwrap());
-        }
-        let mut want: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
-        peers.sort();
-        want.sort();
-        assert_eq!(peers, want);
-
-        ep.push(2, Sqe::Cancel { target: 1 });
-        let c = one(&mut ep);
-        assert_eq!(
-            (c.user_data, c.result, c.more),
-            (1, -libc::ECANCELED, false)
-        );
-        assert!(c.accepted.is_none());
-        // A cancelled accept accepts no more.
-        let _late = TcpStream::connect(addr).unwrap();
-        quiet(&mut ep, Duration::from_millis(100));
-
-        for c in accepted {
-            ep.close(c.accepted.unwrap());
-        }
-        ep.close(OwnedFd::from(listener));
     }
 
     #[test]
@@ -884,45 +802,19 @@ mod tests {
     }
 
     #[test]
-    fn recv_appends_after_existing_bytes_and_eof_is_zero() {
-        let mut ep = Epoll::new().unwrap();
-        let (mut peer, fd) = nb_pair();
-        let mut buf = Vec::with_capacity(64);
-        buf.extend_from_slice(b"abc");
-        ep.push(
-            1,
-            Sqe::Recv {
-                fd: fd.as_raw_fd(),
-                buf,
-            },
-        );
-        peer.write_all(b"hello").unwrap();
-        let c = one(&mut ep);
-        assert_eq!((c.user_data, c.result), (1, 5));
-        let buf = c.buf.unwrap();
-        assert_eq!(buf, b"abchello");
-        assert_eq!(buf.capacity(), 64);
-
-        peer.shutdown(Shutdown::Write).unwrap();
-        ep.push(
-            2,
-            Sqe::Recv {
-                fd: fd.as_raw_fd(),
-                buf,
-            },
-        );
-        let c = one(&mut ep);
-        assert_eq!((c.user_data, c.result), (2, 0));
-        assert_eq!(c.buf.unwrap(), b"abchello");
-        ep.close(fd);
+    fn recv_appends_after_existing_bytes_then_eof_is_zero() {
+        conformance::recv_appends_after_existing_bytes_then_eof_is_zero(&mut Epoll::new().unwrap());
     }
 
     #[test]
     fn recv_of_waiting_data_is_tried_at_once_and_completes_at_the_next_zero_wait() {
         let mut ep = Epoll::new().unwrap();
-        let (mut peer, ours) = pair();
+        let (mut peer, fd) = pair();
         peer.write_all(b"ping").unwrap();
-        // Blocks until the bytes are there, so the backend's first attempt finds them.
+        // A blocking peek waits until the bytes are there, so the backend's first attempt
+        // finds them.
+        let ours = TcpStream::from(fd);
+        ours.set_nonblocking(false).unwrap();
         assert_eq!(ours.peek(&mut [0; 4]).unwrap(), 4);
         ours.set_nonblocking(true).unwrap();
         let fd = OwnedFd::from(ours);
@@ -951,7 +843,7 @@ mod tests {
     #[test]
     fn recv_matches_what_a_std_socket_sent() {
         let mut ep = Epoll::new().unwrap();
-        let (mut peer, fd) = nb_pair();
+        let (mut peer, fd) = pair();
         let data = pattern(1 << 20);
         let sent = data.clone();
         let writer = thread::spawn(move || {
@@ -999,167 +891,33 @@ mod tests {
     }
 
     #[test]
-    fn a_large_send_to_a_slow_reader_completes_in_short_sends() {
+    fn a_large_send_to_a_slow_reader_arrives_whole() {
+        conformance::a_large_send_to_a_slow_reader_arrives_whole(&mut Epoll::new().unwrap());
+    }
+
+    #[test]
+    fn connect_succeeds_to_a_listener_and_is_refused_by_a_closed_port() {
+        conformance::connect_succeeds_to_a_listener_and_is_refused_by_a_closed_port(
+            &mut Epoll::new().unwrap(),
+        );
+    }
+
+    #[test]
+    fn cancel_completes_a_waiting_recv_once() {
         let mut ep = Epoll::new().unwrap();
-        let (mut peer, fd) = nb_pair();
-        // Small buffers (no autotuning) so that 4 MiB cannot fit in flight at once.
-        SockRef::from(&peer).set_recv_buffer_size(64 << 10).unwrap();
-        SockRef::from(&fd.as_fd())
-            .set_send_buffer_size(64 << 10)
-            .unwrap();
-        let data = pattern(4 << 20);
-        let reader = thread::spawn(move || {
-            let mut got = Vec::new();
-            let mut chunk = vec![0; 64 << 10];
-            loop {
-                let n = peer.read(&mut chunk).unwrap();
-                if n == 0 {
-                    return got;
-                }
-                got.extend_from_slice(&chunk[..n]);
-                thread::sleep(Duration::from_millis(1));
-            }
-        });
-        let mut buf = data.clone();
-        let (mut start, mut sends) = (0, 0);
-        while start < buf.len() {
-            let end = buf.len();
-            ep.push(
-                7,
-                Sqe::Send {
-                    fd: fd.as_raw_fd(),
-                    buf,
-                    start,
-                    end,
-                },
+        conformance::cancel_completes_a_waiting_recv_once(&mut ep, |ep| {
+            assert!(
+                ep.core.parked.contains_key(&1),
+                "no data: the recv is parked"
             );
-            let c = one(&mut ep);
-            assert_eq!(c.user_data, 7);
-            let n = usize::try_from(c.result).expect("send succeeds");
-            assert!(n > 0 && n <= end - start, "send: {n} of {}", end - start);
-            start += n;
-            sends += 1;
-            buf = c.buf.unwrap();
-        }
-        assert_eq!(start, data.len());
-        assert!(
-            sends > 1,
-            "a slow reader takes 4 MiB in several sends, not {sends}"
-        );
-        assert!(buf == data, "a send hands its buffer back unchanged");
-        ep.close(fd);
-        let got = reader.join().unwrap();
-        assert_eq!(got.len(), data.len());
-        assert!(got == data, "the reader got other bytes than were sent");
-    }
-
-    #[test]
-    fn connect_succeeds_and_carries_bytes() {
-        let mut ep = Epoll::new().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let fd = OwnedFd::from(socket);
-        let addr = listener.local_addr().unwrap().into();
-        ep.push(
-            4,
-            Sqe::Connect {
-                fd: fd.as_raw_fd(),
-                addr,
-            },
-        );
-        let c = one(&mut ep);
-        assert_eq!((c.user_data, c.result, c.buf.is_none()), (4, 0, true));
-
-        let (mut server, _) = listener.accept().unwrap();
-        ep.push(
-            5,
-            Sqe::Send {
-                fd: fd.as_raw_fd(),
-                buf: b"hi".to_vec(),
-                start: 0,
-                end: 2,
-            },
-        );
-        let c = one(&mut ep);
-        assert_eq!((c.user_data, c.result), (5, 2));
-        let mut got = [0; 2];
-        server.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"hi");
-        ep.close(fd);
-    }
-
-    #[test]
-    fn connect_to_a_closed_port_is_refused() {
-        let mut ep = Epoll::new().unwrap();
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let fd = OwnedFd::from(socket);
-        ep.push(
-            4,
-            Sqe::Connect {
-                fd: fd.as_raw_fd(),
-                addr: addr.into(),
-            },
-        );
-        let c = one(&mut ep);
-        assert_eq!((c.user_data, c.result), (4, -libc::ECONNREFUSED));
-        ep.close(fd);
-    }
-
-    #[test]
-    fn cancel_of_a_parked_recv_completes_it_with_ecanceled_once() {
-        let mut ep = Epoll::new().unwrap();
-        let (mut peer, fd) = nb_pair();
-        let mut buf = Vec::with_capacity(32);
-        buf.push(b'x');
-        ep.push(
-            1,
-            Sqe::Recv {
-                fd: fd.as_raw_fd(),
-                buf,
-            },
-        );
-        quiet(&mut ep, Duration::from_millis(20));
-        assert!(
-            ep.core.parked.contains_key(&1),
-            "no data: the recv is parked"
-        );
-
-        ep.push(2, Sqe::Cancel { target: 1 });
-        let c = one(&mut ep);
-        assert_eq!((c.user_data, c.result), (1, -libc::ECANCELED));
-        let buf = c.buf.unwrap();
-        assert_eq!((buf.as_slice(), buf.capacity()), (&b"x"[..], 32));
+        });
         assert!(ep.core.parked.is_empty());
-
-        // Neither the data that comes later nor a second cancel completes it again.
-        peer.write_all(b"late").unwrap();
-        ep.push(3, Sqe::Cancel { target: 1 });
-        quiet(&mut ep, Duration::from_millis(50));
-
-        // The socket still works, and the late bytes are there for the next recv.
-        ep.push(
-            4,
-            Sqe::Recv {
-                fd: fd.as_raw_fd(),
-                buf,
-            },
-        );
-        let c = one(&mut ep);
-        assert_eq!((c.user_data, c.result), (4, 4));
-        assert_eq!(c.buf.unwrap(), b"xlate");
-        ep.close(fd);
     }
 
     #[test]
     fn cancel_of_a_parked_send_hands_its_buffer_back() {
         let mut ep = Epoll::new().unwrap();
-        let (_peer, fd) = nb_pair();
+        let (_peer, fd) = pair();
         // Fill the socket until a send parks: the peer never reads.
         let buf = pattern(1 << 20);
         let mut parked = false;
@@ -1191,63 +949,21 @@ mod tests {
     }
 
     #[test]
-    fn wait_with_nothing_pending_returns_after_about_the_timeout() {
-        let mut ep = Epoll::new().unwrap();
-        // An idle socket with a parked recv, so epoll has something registered.
-        let (_peer, fd) = nb_pair();
-        ep.push(
-            1,
-            Sqe::Recv {
-                fd: fd.as_raw_fd(),
-                buf: Vec::with_capacity(8),
-            },
-        );
-        let start = Instant::now();
-        let mut out = Vec::new();
-        ep.wait(Some(Duration::from_millis(150)), &mut out).unwrap();
-        let took = start.elapsed();
-        assert!(out.is_empty());
-        assert!(
-            took >= Duration::from_millis(150),
-            "returned early: {took:?}"
-        );
-        assert!(took < Duration::from_secs(1), "returned late: {took:?}");
-
-        // Zero means don't wait.
-        let start = Instant::now();
-        ep.wait(Some(Duration::ZERO), &mut out).unwrap();
-        assert!(out.is_empty());
-        assert!(start.elapsed() < Duration::from_millis(100));
-
-        ep.push(2, Sqe::Cancel { target: 1 });
-        assert_eq!(one(&mut ep).result, -libc::ECANCELED);
-        ep.close(fd);
+    fn wait_with_nothing_ready_returns_after_the_timeout() {
+        conformance::wait_with_nothing_ready_returns_after_the_timeout(&mut Epoll::new().unwrap());
     }
 
     #[test]
-    fn shutdown_of_a_socket_completes_its_parked_recv_with_eof() {
-        for how in [Shutdown::Read, Shutdown::Both] {
-            let mut ep = Epoll::new().unwrap();
-            let (_peer, fd) = nb_pair();
-            ep.push(
-                1,
-                Sqe::Recv {
-                    fd: fd.as_raw_fd(),
-                    buf: Vec::with_capacity(8),
-                },
-            );
-            quiet(&mut ep, Duration::from_millis(20));
-            SockRef::from(&fd.as_fd()).shutdown(how).unwrap();
-            let c = one(&mut ep);
-            assert_eq!((c.user_data, c.result), (1, 0), "after shutdown({how:?})");
-            ep.close(fd);
-        }
+    fn shutdown_completes_a_waiting_recv_with_end_of_stream() {
+        conformance::shutdown_completes_a_waiting_recv_with_end_of_stream(
+            &mut Epoll::new().unwrap(),
+        );
     }
 
     #[test]
     fn a_reset_peer_fails_recv_with_econnreset_then_send_with_epipe() {
         let mut ep = Epoll::new().unwrap();
-        let (peer, fd) = nb_pair();
+        let (peer, fd) = pair();
         ep.push(
             1,
             Sqe::Recv {
@@ -1306,7 +1022,7 @@ mod tests {
     #[test]
     fn close_forgets_a_socket() {
         let mut ep = Epoll::new().unwrap();
-        let (mut peer, fd) = nb_pair();
+        let (mut peer, fd) = pair();
         let raw = fd.as_raw_fd();
         peer.write_all(b"x").unwrap();
         ep.push(

@@ -10,6 +10,10 @@
 //! An operation's `user_data` names its slot, the slot's generation and the operation (which
 //! leg, which kind): a slot is reused only once every operation of its previous connection has
 //! completed, so a completion always finds the connection that asked for it.
+//!
+//! On io_uring a sweep every `park_reads_after` parks the pooled reads it finds waiting for the
+//! second time: each waits as a poll, which holds less kernel memory, until bytes come
+//! (`park.rs` decides each step; the machines never see it).
 #![forbid(unsafe_code)]
 
 use std::cmp::Reverse;

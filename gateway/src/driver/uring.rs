@@ -731,47 +731,12 @@ impl Slab {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{ErrorKind, Read, Write};
-    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
-    use std::thread;
 
     use super::*;
-    use crate::driver::conformance;
-
-    /// Waits until `n` completions have come (or fails after five seconds).
-    fn collect(ring: &mut Uring, n: usize) -> Vec<Cqe> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut out = Vec::new();
-        while out.len() < n {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("timed out with {} of {n} completions", out.len()));
-            ring.wait(Some(left), &mut out).unwrap();
-        }
-        assert_eq!(out.len(), n, "more completions than expected: {out:?}");
-        out
-    }
-
-    /// Fails if any completion comes within `for_`.
-    fn assert_quiet(ring: &mut Uring, for_: Duration) {
-        let mut out = Vec::new();
-        ring.wait(Some(for_), &mut out).unwrap();
-        assert!(out.is_empty(), "unexpected completions: {out:?}");
-    }
-
-    /// A connected loopback pair: (client, server), both blocking.
-    fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (client, server)
-    }
-
-    /// Deterministic, non-repeating-looking test bytes.
-    fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 31 + i / 251) as u8).collect()
-    }
+    use crate::driver::conformance::{self, collect, one, pair, quiet};
 
     #[test]
     fn setup_takes_flags_and_probe_passes() {
@@ -783,279 +748,102 @@ mod tests {
 
     #[test]
     fn multishot_accept_gets_each_connection_until_cancelled() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let mut ring = Uring::new(16).unwrap();
-        ring.push(
-            1,
-            Sqe::Accept {
-                fd: listener.as_raw_fd(),
-            },
-        );
-        let clients: Vec<TcpStream> = (0..3)
-            .map(|_| TcpStream::connect(listener.local_addr().unwrap()).unwrap())
-            .collect();
-        let done = collect(&mut ring, 3);
-        for cqe in done {
-            assert_eq!((cqe.user_data, cqe.result, cqe.more), (1, 0, true));
-            let mut accepted = TcpStream::from(cqe.accepted.expect("an accepted socket"));
-            let mut byte = [0; 1];
-            // Non-blocking, as asked: nothing to read yet.
-            assert_eq!(
-                accepted.read(&mut byte).unwrap_err().kind(),
-                ErrorKind::WouldBlock
-            );
-            let peer = accepted.peer_addr().unwrap();
-            let mut client = clients
-                .iter()
-                .find(|c| c.local_addr().unwrap() == peer)
-                .unwrap();
-            client.write_all(&[peer.port() as u8]).unwrap();
-            accepted.set_nonblocking(false).unwrap();
-            accepted.read_exact(&mut byte).unwrap();
-            assert_eq!(byte[0], peer.port() as u8);
-        }
-        ring.push(2, Sqe::Cancel { target: 1 });
-        let done = collect(&mut ring, 1);
-        assert_eq!((done[0].user_data, done[0].result), (1, -libc::ECANCELED));
-        assert!(!done[0].more && done[0].accepted.is_none());
-        assert_quiet(&mut ring, Duration::from_millis(50));
-        assert_eq!(ring.slab.in_flight(), 0);
+        conformance::multishot_accept_gets_each_connection_until_cancelled(&mut ring);
+        assert_eq!((ring.slab.in_flight(), ring.slotless), (0, 0));
     }
 
     #[test]
-    fn recv_appends_after_existing_content_then_reports_eof() {
-        let (mut client, server) = pair();
-        let mut ring = Uring::new(8).unwrap();
-        let mut buf = Vec::with_capacity(64);
-        buf.extend_from_slice(b"head:");
-        client.write_all(b"hello world").unwrap();
-        ring.push(
-            5,
-            Sqe::Recv {
-                fd: server.as_raw_fd(),
-                buf,
-            },
+    fn recv_appends_after_existing_bytes_then_eof_is_zero() {
+        conformance::recv_appends_after_existing_bytes_then_eof_is_zero(
+            &mut Uring::new(8).unwrap(),
         );
-        let cqe = collect(&mut ring, 1).pop().unwrap();
-        assert_eq!((cqe.user_data, cqe.result, cqe.more), (5, 11, false));
-        let buf = cqe.buf.unwrap();
-        assert_eq!(buf, b"head:hello world");
-        client.shutdown(Shutdown::Write).unwrap();
-        ring.push(
-            6,
-            Sqe::Recv {
-                fd: server.as_raw_fd(),
-                buf,
-            },
-        );
-        let cqe = collect(&mut ring, 1).pop().unwrap();
-        assert_eq!((cqe.user_data, cqe.result), (6, 0));
-        assert_eq!(cqe.buf.unwrap(), b"head:hello world");
     }
 
     #[test]
     fn short_send_sends_the_range_and_returns_the_buffer() {
-        let (mut client, server) = pair();
+        let (mut peer, ours) = pair();
         let mut ring = Uring::new(8).unwrap();
         let buf = b"0123456789".to_vec();
         ring.push(
             9,
             Sqe::Send {
-                fd: server.as_raw_fd(),
+                fd: ours.as_raw_fd(),
                 buf,
                 start: 2,
                 end: 7,
             },
         );
-        let cqe = collect(&mut ring, 1).pop().unwrap();
+        let cqe = one(&mut ring);
         assert_eq!((cqe.user_data, cqe.result), (9, 5));
         assert_eq!(cqe.buf.unwrap(), b"0123456789");
         let mut got = [0; 5];
-        client.read_exact(&mut got).unwrap();
+        peer.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"23456");
     }
 
     #[test]
-    fn large_send_to_a_slow_reader_arrives_whole() {
-        const LEN: usize = 4 << 20;
-        let (mut client, server) = pair();
-        let reader = thread::spawn(move || {
-            let mut got = Vec::with_capacity(LEN);
-            let mut chunk = vec![0; 64 << 10];
-            while got.len() < LEN {
-                thread::sleep(Duration::from_millis(2));
-                let n = client.read(&mut chunk).unwrap();
-                assert_ne!(n, 0, "early end of stream");
-                got.extend_from_slice(&chunk[..n]);
-            }
-            got
-        });
-        let mut ring = Uring::new(8).unwrap();
-        let mut buf = pattern(LEN);
-        let (mut sent, mut sends) = (0, 0);
-        while sent < LEN {
-            ring.push(
-                3,
-                Sqe::Send {
-                    fd: server.as_raw_fd(),
-                    buf,
-                    start: sent,
-                    end: LEN,
-                },
-            );
-            let cqe = collect(&mut ring, 1).pop().unwrap();
-            assert!(cqe.result > 0, "send failed: {}", cqe.result);
-            sent += usize::try_from(cqe.result).unwrap();
-            sends += 1;
-            buf = cqe.buf.unwrap();
-            assert_eq!(buf.len(), LEN);
-        }
-        assert_eq!(sent, LEN);
-        assert_eq!(buf, pattern(LEN), "the send changed its buffer");
-        let got = reader.join().unwrap();
-        assert!(
-            got == buf,
-            "the peer read other bytes than were sent ({sends} sends)"
-        );
+    fn a_large_send_to_a_slow_reader_arrives_whole() {
+        conformance::a_large_send_to_a_slow_reader_arrives_whole(&mut Uring::new(8).unwrap());
     }
 
     #[test]
     fn connect_succeeds_to_a_listener_and_is_refused_by_a_closed_port() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let new_socket = || {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            s
-        };
-        let mut ring = Uring::new(8).unwrap();
-        let socket = new_socket();
-        ring.push(
-            4,
-            Sqe::Connect {
-                fd: socket.as_raw_fd(),
-                addr: addr.into(),
-            },
+        conformance::connect_succeeds_to_a_listener_and_is_refused_by_a_closed_port(
+            &mut Uring::new(8).unwrap(),
         );
-        let cqe = collect(&mut ring, 1).pop().unwrap();
-        assert_eq!((cqe.user_data, cqe.result), (4, 0));
-        let (mut accepted, peer) = listener.accept().unwrap();
-        assert_eq!(peer, socket.local_addr().unwrap().as_socket().unwrap());
-        let mut client = TcpStream::from(socket);
-        client.set_nonblocking(false).unwrap();
-        client.write_all(b"ping").unwrap();
-        let mut got = [0; 4];
-        accepted.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"ping");
-
-        drop(listener);
-        let socket = new_socket();
-        ring.push(
-            8,
-            Sqe::Connect {
-                fd: socket.as_raw_fd(),
-                addr: addr.into(),
-            },
-        );
-        let cqe = collect(&mut ring, 1).pop().unwrap();
-        assert_eq!((cqe.user_data, cqe.result), (8, -libc::ECONNREFUSED));
     }
 
     #[test]
-    fn cancel_ends_a_pending_recv_and_has_no_completion_of_its_own() {
-        let (_client, server) = pair();
+    fn cancel_completes_a_waiting_recv_once() {
         let mut ring = Uring::new(8).unwrap();
-        let mut buf = Vec::with_capacity(32);
-        buf.extend_from_slice(b"keep");
-        ring.push(
-            7,
-            Sqe::Recv {
-                fd: server.as_raw_fd(),
-                buf,
-            },
-        );
-        assert_quiet(&mut ring, Duration::ZERO);
-        ring.push(70, Sqe::Cancel { target: 7 });
-        let cqe = collect(&mut ring, 1).pop().unwrap();
-        assert_eq!((cqe.user_data, cqe.result), (7, -libc::ECANCELED));
-        assert_eq!(cqe.buf.unwrap(), b"keep");
-        // A cancel of what is no longer in flight does nothing either.
-        ring.push(71, Sqe::Cancel { target: 7 });
-        assert_quiet(&mut ring, Duration::from_millis(50));
-        assert_eq!(ring.slab.in_flight(), 0);
+        conformance::cancel_completes_a_waiting_recv_once(&mut ring, |ring| {
+            assert_eq!(ring.slab.in_flight(), 1, "the recv holds a table slot");
+        });
+        assert_eq!((ring.slab.in_flight(), ring.slotless), (0, 0));
     }
 
     #[test]
     fn cancel_in_the_same_batch_as_its_recv() {
-        let (_client, server) = pair();
+        let (_peer, ours) = pair();
         let mut ring = Uring::new(8).unwrap();
         ring.push(
             7,
             Sqe::Recv {
-                fd: server.as_raw_fd(),
+                fd: ours.as_raw_fd(),
                 buf: Vec::with_capacity(8),
             },
         );
         ring.push(70, Sqe::Cancel { target: 7 });
-        let cqe = collect(&mut ring, 1).pop().unwrap();
+        let cqe = one(&mut ring);
         assert_eq!((cqe.user_data, cqe.result), (7, -libc::ECANCELED));
-        assert_quiet(&mut ring, Duration::from_millis(50));
+        quiet(&mut ring, Duration::from_millis(50));
     }
 
     #[test]
-    fn wait_with_nothing_pending_returns_after_the_timeout() {
-        let mut ring = Uring::new(8).unwrap();
-        let start = Instant::now();
-        assert_quiet(&mut ring, Duration::from_millis(100));
-        let waited = start.elapsed();
-        assert!(
-            waited >= Duration::from_millis(95),
-            "returned early: {waited:?}"
-        );
-        assert!(waited < Duration::from_secs(1), "returned late: {waited:?}");
-        let start = Instant::now();
-        assert_quiet(&mut ring, Duration::ZERO);
-        assert!(start.elapsed() < Duration::from_millis(500));
+    fn wait_with_nothing_ready_returns_after_the_timeout() {
+        conformance::wait_with_nothing_ready_returns_after_the_timeout(&mut Uring::new(8).unwrap());
     }
 
     #[test]
-    fn shutdown_completes_a_pending_recv_with_end_of_stream() {
-        let (_client, server) = pair();
-        let mut ring = Uring::new(8).unwrap();
-        let mut buf = Vec::with_capacity(16);
-        buf.push(b'x');
-        ring.push(
-            11,
-            Sqe::Recv {
-                fd: server.as_raw_fd(),
-                buf,
-            },
+    fn shutdown_completes_a_waiting_recv_with_end_of_stream() {
+        conformance::shutdown_completes_a_waiting_recv_with_end_of_stream(
+            &mut Uring::new(8).unwrap(),
         );
-        let mut out = Vec::new();
-        ring.wait(Some(Duration::ZERO), &mut out).unwrap();
-        if let Some(cqe) = out.pop() {
-            panic!("recv completed before shutdown: {cqe:?}");
-        }
-        server.shutdown(Shutdown::Both).unwrap();
-        let cqe = collect(&mut ring, 1).pop().unwrap();
-        assert_eq!((cqe.user_data, cqe.result), (11, 0));
-        assert_eq!(cqe.buf.unwrap(), b"x");
     }
 
     #[test]
     fn a_full_submission_queue_is_submitted_to_make_room() {
-        let pairs: Vec<(TcpStream, TcpStream)> = (0..8).map(|_| pair()).collect();
+        let pairs: Vec<(TcpStream, OwnedFd)> = (0..8).map(|_| pair()).collect();
         let mut ring = Uring::new(2).unwrap();
-        for (i, (client, server)) in pairs.iter().enumerate() {
-            (&*client)
+        for (i, (peer, ours)) in pairs.iter().enumerate() {
+            (&*peer)
                 .write_all(format!("message {i}").as_bytes())
                 .unwrap();
             ring.push(
                 i as u64,
                 Sqe::Recv {
-                    fd: server.as_raw_fd(),
+                    fd: ours.as_raw_fd(),
                     buf: Vec::with_capacity(64),
                 },
             );
@@ -1097,7 +885,7 @@ mod tests {
 
     #[test]
     fn dropping_the_ring_cancels_what_is_in_flight() {
-        let (_client, server) = pair();
+        let (_peer, ours) = pair();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut ring = Uring::new(8).unwrap();
         ring.push(
@@ -1109,12 +897,12 @@ mod tests {
         ring.push(
             2,
             Sqe::Recv {
-                fd: server.as_raw_fd(),
+                fd: ours.as_raw_fd(),
                 buf: Vec::with_capacity(16),
             },
         );
         // And a pooled read, which has no table slot: the drop waits for it all the same.
-        let (_peer, pooled) = conformance::pair();
+        let (_peer, pooled) = pair();
         ring.push(
             3,
             Sqe::RecvPooled {
@@ -1122,7 +910,7 @@ mod tests {
                 len: 64,
             },
         );
-        assert_quiet(&mut ring, Duration::ZERO);
+        quiet(&mut ring, Duration::ZERO);
         let start = Instant::now();
         drop(ring);
         // Under the grace period: every operation came back, none was leaked.
