@@ -167,6 +167,13 @@ pub(crate) struct Kept {
     pub(crate) active: Option<ActiveGuard>,
 }
 
+/// The settings of a relaying machine still running: it keeps its [`Kept`] until it reports
+/// `Done`, and is not driven after that.
+pub(crate) fn kept_settings(up: Option<&Kept>) -> &Settings {
+    &up.expect("a machine is only driven until it reports Done")
+        .settings
+}
+
 /// What an upgrade step came to.
 pub(crate) enum UpgradeStep {
     /// Still upgrading.

@@ -13,7 +13,8 @@ use codec::frame::Role;
 use super::leg::{
     Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
 };
-use crate::conn::{Closer, CoreCtx, Event, Io, Kept, Outcome, Settings, Status, Upgraded};
+use crate::conn::kept_settings as settings;
+use crate::conn::{Closer, CoreCtx, Event, Io, Kept, Outcome, Status, Upgraded};
 use crate::metrics::{CloseDirection, Direction};
 use crate::policy::GatewayClose;
 use crate::relay::forward::{Forwarder, Mode, Step};
@@ -88,12 +89,6 @@ pub(crate) struct Echo {
     gateway_closed: Option<GatewayClosed>,
     /// The loop finished and the socket was shut: only completions are awaited.
     ended: bool,
-}
-
-/// The settings, present until the machine ends.
-fn settings(up: Option<&Kept>) -> &Settings {
-    &up.expect("an echo is only driven until it reports Done")
-        .settings
 }
 
 impl Echo {
@@ -568,5 +563,13 @@ mod tests {
             (o.close_code, o.reason),
             (None, Some("client stopped reading"))
         );
+    }
+
+    #[test]
+    fn an_idle_echo_fits_the_allocators_512_byte_class() {
+        // An idle echoed connection is this one allocation (plus its path and the loop's
+        // slot): the next size class up is 640 bytes.
+        let size = size_of::<Echo>();
+        assert!(size <= 512, "Echo is {size} bytes");
     }
 }

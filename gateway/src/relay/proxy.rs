@@ -17,8 +17,9 @@ use codec::frame::Role;
 use super::leg::{
     Alarm, Flushed, Leg, Pump, Sending, arm, earliest, keepalive_check, keepalive_deadline,
 };
+use crate::conn::kept_settings as settings;
 use crate::conn::stamp::Stamp;
-use crate::conn::{Closer, CoreCtx, Event, Io, Kept, Outcome, Settings, Status, Upgraded};
+use crate::conn::{Closer, CoreCtx, Event, Io, Kept, Outcome, Status, Upgraded};
 use crate::metrics::{CloseDirection, Direction};
 use crate::policy::GatewayClose;
 use crate::relay::forward::{ControlPayload, Forwarder, Mode, Step};
@@ -113,12 +114,6 @@ pub(crate) struct Relay {
     outcome: Outcome,
     /// Both directions finished and both sockets were shut: only completions are awaited.
     ended: bool,
-}
-
-/// The settings, present until the machine ends.
-fn settings(up: Option<&Kept>) -> &Settings {
-    &up.expect("a relay is only driven until it reports Done")
-        .settings
 }
 
 /// Both legs mutably, `a`'s first.
