@@ -147,7 +147,13 @@ pub(crate) fn pooled_recv_without_bytes_hands_over_nothing(b: &mut impl Backend)
         },
     );
     quiet(b, Duration::from_millis(20));
-    b.push(2, Sqe::Cancel { target: 1 });
+    b.push(
+        2,
+        Sqe::Cancel {
+            target: 1,
+            slotless: true,
+        },
+    );
     let cqe = one(b);
     assert_eq!((cqe.user_data, cqe.result), (1, -libc::ECANCELED));
     assert!(cqe.buf.is_none(), "a cancelled pooled read holds no buffer");
@@ -244,7 +250,13 @@ pub(crate) fn poll_in_waits_and_reads_nothing(b: &mut impl Backend) {
 
     b.push(3, Sqe::PollIn { fd });
     quiet(b, Duration::from_millis(20));
-    b.push(4, Sqe::Cancel { target: 3 });
+    b.push(
+        4,
+        Sqe::Cancel {
+            target: 3,
+            slotless: true,
+        },
+    );
     let cqe = one(b);
     assert_eq!((cqe.user_data, cqe.result), (3, -libc::ECANCELED));
     assert!(cqe.buf.is_none());
@@ -322,7 +334,13 @@ pub(crate) fn multishot_accept_gets_each_connection_until_cancelled(b: &mut impl
     want.sort();
     assert_eq!(peers, want, "each connection accepted once");
 
-    b.push(3, Sqe::Cancel { target: 1 });
+    b.push(
+        3,
+        Sqe::Cancel {
+            target: 1,
+            slotless: false,
+        },
+    );
     let cqe = one(b);
     assert_eq!(
         (cqe.user_data, cqe.result, cqe.more),
@@ -437,14 +455,26 @@ pub(crate) fn cancel_completes_a_waiting_recv_once<B: Backend>(
     quiet(b, Duration::from_millis(20));
     waiting(b);
 
-    b.push(2, Sqe::Cancel { target: 1 });
+    b.push(
+        2,
+        Sqe::Cancel {
+            target: 1,
+            slotless: false,
+        },
+    );
     let cqe = one(b);
     assert_eq!((cqe.user_data, cqe.result), (1, -libc::ECANCELED));
     let buf = cqe.buf.unwrap();
     assert_eq!((buf.as_slice(), buf.capacity()), (&b"keep"[..], 32));
 
     peer.write_all(b"late").unwrap();
-    b.push(3, Sqe::Cancel { target: 1 });
+    b.push(
+        3,
+        Sqe::Cancel {
+            target: 1,
+            slotless: false,
+        },
+    );
     quiet(b, Duration::from_millis(50));
 
     b.push(4, Sqe::Recv { fd, buf });
@@ -488,7 +518,13 @@ pub(crate) fn wait_with_nothing_ready_returns_after_the_timeout(b: &mut impl Bac
         },
     );
     times_out(b);
-    b.push(2, Sqe::Cancel { target: 1 });
+    b.push(
+        2,
+        Sqe::Cancel {
+            target: 1,
+            slotless: false,
+        },
+    );
     assert_eq!(one(b).result, -libc::ECANCELED);
     b.close(ours);
 }

@@ -294,7 +294,7 @@ impl Core {
     /// Tries `sqe` at once where its socket is believed ready, else parks it.
     fn push(&mut self, registry: &Registry, user_data: u64, sqe: Sqe) {
         let fd = match &sqe {
-            Sqe::Cancel { target } => {
+            Sqe::Cancel { target, .. } => {
                 self.cancel(*target);
                 return;
             }
@@ -935,7 +935,13 @@ mod tests {
                 },
             );
             if ep.core.parked.contains_key(&round) {
-                ep.push(100, Sqe::Cancel { target: round });
+                ep.push(
+                    100,
+                    Sqe::Cancel {
+                        target: round,
+                        slotless: false,
+                    },
+                );
                 let c = one(&mut ep);
                 assert_eq!((c.user_data, c.result), (round, -libc::ECANCELED));
                 assert!(c.buf.unwrap() == pattern(1 << 20));

@@ -520,7 +520,11 @@ impl<B: Backend> EventLoop<B> {
             for (i, op) in [(0, CLIENT_RECV), (1, BACKEND_RECV)] {
                 if slot.inflight & op != 0 && slot.parks[i].sweep() {
                     let target = user_data(index as u32, slot.generation, op);
-                    self.backend.push(u64::MAX, Sqe::Cancel { target });
+                    let cancel = Sqe::Cancel {
+                        target,
+                        slotless: true,
+                    };
+                    self.backend.push(u64::MAX, cancel);
                 }
             }
         }
@@ -713,10 +717,13 @@ impl<B: Backend> Io for SlotIo<'_, B> {
     fn cancel(&mut self, side: Side, kind: OpKind) {
         let op = op_bit(side, kind);
         // A parked read may have its own cancel on the way already, or none to cancel.
-        let ask = kind != OpKind::Recv || self.slot.parks[side_ix(side)].cancel();
+        let park = &mut self.slot.parks[side_ix(side)];
+        let slotless = kind == OpKind::Recv && park.pooled();
+        let ask = kind != OpKind::Recv || park.cancel();
         if self.slot.inflight & op != 0 && ask {
             let target = user_data(self.index, self.slot.generation, op);
-            self.backend.push(u64::MAX, Sqe::Cancel { target });
+            self.backend
+                .push(u64::MAX, Sqe::Cancel { target, slotless });
         }
     }
 

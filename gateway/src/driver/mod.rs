@@ -84,6 +84,9 @@ pub(crate) enum Sqe {
     Cancel {
         /// The user data of the operation to cancel.
         target: u64,
+        /// The target is a pooled read or a poll, which io_uring keeps no table slot for: it
+        /// is cancelled without a search.
+        slotless: bool,
     },
 }
 

@@ -57,6 +57,11 @@ impl Park {
         }
     }
 
+    /// Whether a pooled read (or the poll in its place) is in flight.
+    pub(crate) fn pooled(self) -> bool {
+        self.stage != Stage::Off
+    }
+
     /// A sweep passes: true when the read has now waited through two sweeps and should be
     /// cancelled, to be replaced by a poll.
     pub(crate) fn sweep(&mut self) -> bool {

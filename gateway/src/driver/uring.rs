@@ -156,16 +156,19 @@ impl Uring {
     }
 
     /// Cancels the in-flight operation pushed with `target` (at most one, by the loop's
-    /// rules): the one in the table, else a pooled read or a poll (a cancel that finds nothing, because
-    /// the read already completed, does nothing).
-    fn cancel(&mut self, target: u64) {
+    /// rules): a pooled read or a poll when `slotless` says so, else the one in the table
+    /// (or, should it not be there, a pooled read or poll after all). A cancel that finds
+    /// nothing, because its target completed already, does nothing.
+    fn cancel(&mut self, target: u64, slotless: bool) {
         let mut found = false;
-        for index in 0..self.slab.slots.len() {
-            if let Some((key, user_data)) = self.slab.busy(index)
-                && user_data == target
-            {
-                self.queue(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
-                found = true;
+        if !slotless {
+            for index in 0..self.slab.slots.len() {
+                if let Some((key, user_data)) = self.slab.busy(index)
+                    && user_data == target
+                {
+                    self.queue(opcode::AsyncCancel::new(key).build().user_data(CANCEL));
+                    found = true;
+                }
             }
         }
         if !found && self.slotless > 0 {
@@ -225,7 +228,7 @@ impl Backend for Uring {
 
     fn push(&mut self, user_data: u64, sqe: Sqe) {
         let op = match sqe {
-            Sqe::Cancel { target } => return self.cancel(target),
+            Sqe::Cancel { target, slotless } => return self.cancel(target, slotless),
             Sqe::RecvPooled { fd, len } => {
                 debug_assert_eq!(user_data & SLOTLESS, 0, "a pooled read's user data");
                 let len = len.clamp(1, op_len(POOL_BUF));
@@ -814,7 +817,13 @@ mod tests {
                 buf: Vec::with_capacity(8),
             },
         );
-        ring.push(70, Sqe::Cancel { target: 7 });
+        ring.push(
+            70,
+            Sqe::Cancel {
+                target: 7,
+                slotless: false,
+            },
+        );
         let cqe = one(&mut ring);
         assert_eq!((cqe.user_data, cqe.result), (7, -libc::ECANCELED));
         quiet(&mut ring, Duration::from_millis(50));
