@@ -197,8 +197,10 @@ struct Slot {
     inflight: u8,
     /// Each side's pooled read, by [`side_ix`], as parking sees it.
     parks: [Park; 2],
-    /// Each side's pooled read's length, to read again after a park or a buffer shortage.
-    read_len: [u32; 2],
+    /// Each side's pooled read's length, to read again after a park or a buffer shortage
+    /// (at most [`u16::MAX`]: a pooled read reads at most one pool buffer, 64 KiB, so a read
+    /// of 65,536 becomes one of 65,535, which "at most" allows).
+    read_len: [u16; 2],
     /// The earliest deadline the machine asked for and has not been woken for.
     deadline: Option<Tick>,
 }
@@ -384,7 +386,7 @@ impl<B: Backend> EventLoop<B> {
                     }
                     Some(Sqe::RecvPooled {
                         fd,
-                        len: s.read_len[i],
+                        len: u32::from(s.read_len[i]),
                     })
                 }
                 (Next::Poll, Some(fd)) => {
@@ -668,7 +670,7 @@ impl<B: Backend> Io for SlotIo<'_, B> {
             self.backend.recycle(buf);
             let len = u32::try_from(len).unwrap_or(u32::MAX);
             self.slot.parks[side_ix(side)] = Park::read();
-            self.slot.read_len[side_ix(side)] = len;
+            self.slot.read_len[side_ix(side)] = u16::try_from(len).unwrap_or(u16::MAX);
             self.push(op, side, |fd| Sqe::RecvPooled { fd, len });
         } else {
             buf.reserve(len.max(1));
@@ -787,7 +789,7 @@ mod tests {
     fn a_slot_stays_small() {
         // One per connection, in a vector that grows by doubling.
         assert!(
-            size_of::<Slot>() <= 56,
+            size_of::<Slot>() <= 48,
             "Slot is {} bytes",
             size_of::<Slot>()
         );
