@@ -86,7 +86,7 @@ impl Park {
         if self.stage != Stage::Off {
             self.abandoned = true;
         }
-        first
+        first && self.stage != Stage::Cancelling
     }
 
     /// What runs under the read's user data completed with `result`: what to do with it.
