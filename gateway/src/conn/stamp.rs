@@ -36,12 +36,6 @@ impl Stamp {
     }
 }
 
-impl From<Instant> for Stamp {
-    fn from(at: Instant) -> Self {
-        Self::at(at)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
