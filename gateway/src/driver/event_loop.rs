@@ -205,6 +205,16 @@ struct Slot {
     deadline: Option<Tick>,
 }
 
+impl Slot {
+    /// `side`'s socket, if it has one.
+    fn fd(&self, side: Side) -> Option<&OwnedFd> {
+        match side {
+            Side::Client => self.client.as_ref(),
+            Side::Backend => self.backend.as_ref(),
+        }
+    }
+}
+
 /// One core's loop over backend `B`.
 pub(crate) struct EventLoop<B: Backend> {
     backend: B,
@@ -366,11 +376,7 @@ impl<B: Backend> EventLoop<B> {
         let mut cqe = cqe;
         if op & (CLIENT_RECV | BACKEND_RECV) != 0 {
             let i = side_ix(side);
-            let fd = match side {
-                Side::Client => s.client.as_ref(),
-                Side::Backend => s.backend.as_ref(),
-            }
-            .map(AsRawFd::as_raw_fd);
+            let fd = s.fd(side).map(AsRawFd::as_raw_fd);
             let next = s.parks[i].complete(cqe.result);
             let sqe = match (next, fd) {
                 (Next::Deliver, _) => None,
@@ -519,8 +525,9 @@ impl<B: Backend> EventLoop<B> {
             if slot.inflight & (CLIENT_RECV | BACKEND_RECV) == 0 {
                 continue;
             }
-            for (i, op) in [(0, CLIENT_RECV), (1, BACKEND_RECV)] {
-                if slot.inflight & op != 0 && slot.parks[i].sweep() {
+            for side in [Side::Client, Side::Backend] {
+                let op = op_bit(side, OpKind::Recv);
+                if slot.inflight & op != 0 && slot.parks[side_ix(side)].sweep() {
                     let target = user_data(index as u32, slot.generation, op);
                     let cancel = Sqe::Cancel {
                         target,
@@ -623,13 +630,6 @@ struct SlotIo<'a, B: Backend> {
 }
 
 impl<B: Backend> SlotIo<'_, B> {
-    fn fd(&self, side: Side) -> Option<&OwnedFd> {
-        match side {
-            Side::Client => self.slot.client.as_ref(),
-            Side::Backend => self.slot.backend.as_ref(),
-        }
-    }
-
     /// Queues `sqe` as `op` of this slot, or completes it at once with EBADF when `side` has
     /// no socket (a machine bug, kept from reaching the kernel).
     fn push(&mut self, op: u8, side: Side, sqe: impl FnOnce(i32) -> Sqe) {
@@ -640,7 +640,7 @@ impl<B: Backend> SlotIo<'_, B> {
         );
         self.slot.inflight |= op;
         let data = user_data(self.index, self.slot.generation, op);
-        if let Some(fd) = self.fd(side).map(AsRawFd::as_raw_fd) {
+        if let Some(fd) = self.slot.fd(side).map(AsRawFd::as_raw_fd) {
             self.backend.push(data, sqe(fd));
         } else {
             let buf = match sqe(-1) {
@@ -730,7 +730,7 @@ impl<B: Backend> Io for SlotIo<'_, B> {
     }
 
     fn shutdown(&mut self, side: Side, how: Shutdown) {
-        if let Some(fd) = self.fd(side) {
+        if let Some(fd) = self.slot.fd(side) {
             drop(socket2::SockRef::from(fd).shutdown(how));
         }
     }

@@ -15,9 +15,9 @@
 //! Pooled reads (`Sqe::RecvPooled`) go through a provided-buffer ring: the kernel takes a buffer
 //! from it only when bytes arrive, so a connection waiting for input lends it none, and they
 //! need no table slot either (their ring user data is the loop's own with [`SLOTLESS`] set,
-//! as is a poll's, which lends nothing), so an idle connection costs this backend nothing. Each buffer the ring names is owned by
-//! [`BufRing`] until a completion reports its id; then it is handed out and the ring gets a
-//! fresh one in its place before the next submission. A read that finds the ring empty (a
+//! as is a poll's, which lends nothing), so an idle connection costs this backend nothing.
+//! Each buffer the ring names is owned by [`BufRing`] until a completion reports its id; then
+//! it is handed out and the ring gets a fresh one in its place before the next submission. A read that finds the ring empty (a
 //! burst larger than the ring between two reaps) completes with `ENOBUFS`, which the loop
 //! answers by pushing it again: backpressure, never an error a connection sees.
 #![expect(
