@@ -45,6 +45,12 @@ pub(crate) fn one(b: &mut impl Backend) -> Cqe {
     collect(b, 1).pop().unwrap()
 }
 
+/// Cancels the operation pushed as `target`, a pooled read or a poll when `slotless` (a
+/// cancel has no completion of its own).
+pub(crate) fn cancel(b: &mut impl Backend, target: u64, slotless: bool) {
+    b.push(u64::MAX, Sqe::Cancel { target, slotless });
+}
+
 /// Fails if anything completes within `d`.
 pub(crate) fn quiet(b: &mut impl Backend, d: Duration) {
     let mut out = Vec::new();
@@ -147,13 +153,7 @@ pub(crate) fn pooled_recv_without_bytes_hands_over_nothing(b: &mut impl Backend)
         },
     );
     quiet(b, Duration::from_millis(20));
-    b.push(
-        2,
-        Sqe::Cancel {
-            target: 1,
-            slotless: true,
-        },
-    );
+    cancel(b, 1, true);
     let cqe = one(b);
     assert_eq!((cqe.user_data, cqe.result), (1, -libc::ECANCELED));
     assert!(cqe.buf.is_none(), "a cancelled pooled read holds no buffer");
@@ -250,13 +250,7 @@ pub(crate) fn poll_in_waits_and_reads_nothing(b: &mut impl Backend) {
 
     b.push(3, Sqe::PollIn { fd });
     quiet(b, Duration::from_millis(20));
-    b.push(
-        4,
-        Sqe::Cancel {
-            target: 3,
-            slotless: true,
-        },
-    );
+    cancel(b, 3, true);
     let cqe = one(b);
     assert_eq!((cqe.user_data, cqe.result), (3, -libc::ECANCELED));
     assert!(cqe.buf.is_none());
@@ -270,6 +264,76 @@ pub(crate) fn poll_in_waits_and_reads_nothing(b: &mut impl Backend) {
     b.push(6, Sqe::RecvPooled { fd, len: 1024 });
     let cqe = one(b);
     assert_eq!((cqe.user_data, cqe.result), (6, 0));
+    b.close(ours);
+}
+
+/// Polls on many sockets at once each complete once when their bytes come, and the read
+/// that follows each finds them.
+pub(crate) fn many_polls_each_complete_once(b: &mut impl Backend) {
+    let pairs: Vec<(TcpStream, OwnedFd)> = (0..150).map(|_| pair()).collect();
+    for (i, (_, ours)) in pairs.iter().enumerate() {
+        b.push(
+            i as u64,
+            Sqe::PollIn {
+                fd: ours.as_raw_fd(),
+            },
+        );
+    }
+    quiet(b, Duration::from_millis(20));
+    for (i, (peer, _)) in pairs.iter().enumerate() {
+        (&*peer).write_all(format!("to {i}").as_bytes()).unwrap();
+    }
+    let mut done = collect(b, pairs.len());
+    done.sort_by_key(|cqe| cqe.user_data);
+    for (i, cqe) in done.iter().enumerate() {
+        assert_eq!(cqe.user_data, i as u64);
+        assert!(cqe.result > 0, "a poll mask: {cqe:?}");
+    }
+    quiet(b, Duration::from_millis(20));
+    for (i, (_, ours)) in pairs.iter().enumerate() {
+        b.push(
+            i as u64,
+            Sqe::RecvPooled {
+                fd: ours.as_raw_fd(),
+                len: 64,
+            },
+        );
+        let cqe = one(b);
+        assert_eq!(cqe.buf.as_deref(), Some(format!("to {i}").as_bytes()));
+        b.recycle(cqe.buf.unwrap());
+    }
+    for (_, ours) in pairs {
+        b.close(ours);
+    }
+}
+
+/// A socket polls again after each poll completed, whatever followed: the read, a cancel
+/// that came after the poll had completed (which adds no completion), or nothing at all.
+pub(crate) fn a_socket_polls_again_after_each_poll(b: &mut impl Backend) {
+    let (mut peer, ours) = pair();
+    let fd = ours.as_raw_fd();
+    // Completed, then the read: the next poll waits for new bytes.
+    b.push(1, Sqe::PollIn { fd });
+    peer.write_all(b"one").unwrap();
+    assert!(one(b).result > 0);
+    b.push(2, Sqe::RecvPooled { fd, len: 64 });
+    let cqe = one(b);
+    assert_eq!(cqe.buf.as_deref(), Some(&b"one"[..]));
+    b.recycle(cqe.buf.unwrap());
+    b.push(3, Sqe::PollIn { fd });
+    quiet(b, Duration::from_millis(20));
+    peer.write_all(b"two").unwrap();
+    assert_eq!(one(b).user_data, 3);
+    // Completed, then cancelled: no second completion.
+    cancel(b, 3, true);
+    quiet(b, Duration::from_millis(20));
+    // Nothing followed the last poll: a new one sees the bytes still there.
+    b.push(4, Sqe::PollIn { fd });
+    assert_eq!(one(b).user_data, 4);
+    b.push(5, Sqe::RecvPooled { fd, len: 64 });
+    let cqe = one(b);
+    assert_eq!(cqe.buf.as_deref(), Some(&b"two"[..]));
+    b.recycle(cqe.buf.unwrap());
     b.close(ours);
 }
 
@@ -334,13 +398,7 @@ pub(crate) fn multishot_accept_gets_each_connection_until_cancelled(b: &mut impl
     want.sort();
     assert_eq!(peers, want, "each connection accepted once");
 
-    b.push(
-        3,
-        Sqe::Cancel {
-            target: 1,
-            slotless: false,
-        },
-    );
+    cancel(b, 1, false);
     let cqe = one(b);
     assert_eq!(
         (cqe.user_data, cqe.result, cqe.more),
@@ -455,26 +513,14 @@ pub(crate) fn cancel_completes_a_waiting_recv_once<B: Backend>(
     quiet(b, Duration::from_millis(20));
     waiting(b);
 
-    b.push(
-        2,
-        Sqe::Cancel {
-            target: 1,
-            slotless: false,
-        },
-    );
+    cancel(b, 1, false);
     let cqe = one(b);
     assert_eq!((cqe.user_data, cqe.result), (1, -libc::ECANCELED));
     let buf = cqe.buf.unwrap();
     assert_eq!((buf.as_slice(), buf.capacity()), (&b"keep"[..], 32));
 
     peer.write_all(b"late").unwrap();
-    b.push(
-        3,
-        Sqe::Cancel {
-            target: 1,
-            slotless: false,
-        },
-    );
+    cancel(b, 1, false);
     quiet(b, Duration::from_millis(50));
 
     b.push(4, Sqe::Recv { fd, buf });
@@ -518,13 +564,7 @@ pub(crate) fn wait_with_nothing_ready_returns_after_the_timeout(b: &mut impl Bac
         },
     );
     times_out(b);
-    b.push(
-        2,
-        Sqe::Cancel {
-            target: 1,
-            slotless: false,
-        },
-    );
+    cancel(b, 1, false);
     assert_eq!(one(b).result, -libc::ECANCELED);
     b.close(ours);
 }

@@ -764,6 +764,16 @@ mod tests {
     }
 
     #[test]
+    fn many_polls_each_complete_once() {
+        conformance::many_polls_each_complete_once(&mut Epoll::new().unwrap());
+    }
+
+    #[test]
+    fn a_socket_polls_again_after_each_poll() {
+        conformance::a_socket_polls_again_after_each_poll(&mut Epoll::new().unwrap());
+    }
+
+    #[test]
     fn poll_in_waits_and_reads_nothing() {
         conformance::poll_in_waits_and_reads_nothing(&mut Epoll::new().unwrap());
     }
@@ -935,13 +945,7 @@ mod tests {
                 },
             );
             if ep.core.parked.contains_key(&round) {
-                ep.push(
-                    100,
-                    Sqe::Cancel {
-                        target: round,
-                        slotless: false,
-                    },
-                );
+                conformance::cancel(&mut ep, round, false);
                 let c = one(&mut ep);
                 assert_eq!((c.user_data, c.result), (round, -libc::ECANCELED));
                 assert!(c.buf.unwrap() == pattern(1 << 20));

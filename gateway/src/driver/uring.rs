@@ -817,13 +817,7 @@ mod tests {
                 buf: Vec::with_capacity(8),
             },
         );
-        ring.push(
-            70,
-            Sqe::Cancel {
-                target: 7,
-                slotless: false,
-            },
-        );
+        conformance::cancel(&mut ring, 7, false);
         let cqe = one(&mut ring);
         assert_eq!((cqe.user_data, cqe.result), (7, -libc::ECANCELED));
         quiet(&mut ring, Duration::from_millis(50));
@@ -875,6 +869,16 @@ mod tests {
     fn pooled_recv_without_bytes_hands_over_nothing() {
         let mut ring = Uring::with_bufs(8, 2).unwrap();
         conformance::pooled_recv_without_bytes_hands_over_nothing(&mut ring);
+    }
+
+    #[test]
+    fn many_polls_each_complete_once() {
+        conformance::many_polls_each_complete_once(&mut Uring::new(8).unwrap());
+    }
+
+    #[test]
+    fn a_socket_polls_again_after_each_poll() {
+        conformance::a_socket_polls_again_after_each_poll(&mut Uring::new(8).unwrap());
     }
 
     #[test]
