@@ -215,6 +215,16 @@ impl Gateway {
         format!("ws://{}{path}", self.addr)
     }
 
+    /// The names of the gateway process's threads (`/proc/PID/task/*/comm`).
+    #[must_use]
+    pub fn thread_names(&self) -> Vec<String> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("tasks");
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim_end().to_owned())
+            .collect()
+    }
+
     /// Sends the gateway process a signal (`TERM`, `INT`, `HUP`, `USR2`).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
