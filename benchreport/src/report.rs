@@ -86,6 +86,11 @@ fn echo_figures() -> Vec<Figure> {
             ratio: true,
         },
         Figure {
+            name: "RTT p99.9 µs",
+            extract: |s| pct(s, "echo_rtt", 99.9),
+            ratio: true,
+        },
+        Figure {
             name: "errors",
             extract: errors,
             ratio: false,
@@ -526,9 +531,11 @@ pub(crate) mod tests {
             r#"{{"summary": {{"connections_opened": 100, "messages": {m}, "messages_per_s": {msgs_per_s},
                 "handshakes_per_s": 0, "errors_total": 0}},
                "histograms": {{"echo_rtt": {{"count": 10, "percentiles": [
-                   {{"percentile": 50.0, "value_us": {p50}}}, {{"percentile": 99.0, "value_us": 900}}]}}}}}}"#,
+                   {{"percentile": 50.0, "value_us": {p50}}}, {{"percentile": 99.0, "value_us": 900}},
+                   {{"percentile": 99.9, "value_us": {p999}}}]}}}}}}"#,
             m = msgs_per_s * 10.0,
             p50 = msgs_per_s / 1000.0,
+            p999 = msgs_per_s / 50.0,
         );
         Sample {
             entry: RunEntry {
@@ -612,22 +619,22 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(
             rows[0],
-            "| target | msgs/s | ÷ nginx | proxy CPU-s per M msgs | ÷ nginx | RTT p50 µs | ÷ nginx | RTT p99 µs | ÷ nginx | errors |"
+            "| target | msgs/s | ÷ nginx | proxy CPU-s per M msgs | ÷ nginx | RTT p50 µs | ÷ nginx | RTT p99 µs | ÷ nginx | RTT p99.9 µs | ÷ nginx | errors |"
         );
         // direct: no proxy CPU; 60k / 54k (nginx median).
         assert_eq!(
             rows[1],
-            "| direct | 60,000 | 1.11x | – | – | 60 | 1.11x | 900 | 1.00x | 0 |"
+            "| direct | 60,000 | 1.11x | – | – | 60 | 1.11x | 900 | 1.00x | 1,200 | 1.11x | 0 |"
         );
         // nginx: 8/500k, 9/560k, 10/540k per M -> 16.0, 16.07, 18.5: median 16.07.
         assert_eq!(
             rows[3],
-            "| nginx | 54,000 | 1.00x | 16.1 | 1.00x | 54 | 1.00x | 900 | 1.00x | 0 |"
+            "| nginx | 54,000 | 1.00x | 16.1 | 1.00x | 54 | 1.00x | 900 | 1.00x | 1,080 | 1.00x | 0 |"
         );
         // gateway: 6.0 per M in every round.
         assert_eq!(
             rows[2],
-            "| gateway | 56,000 | 1.04x | 6 | 0.37x | 56 | 1.04x | 900 | 1.00x | 0 |"
+            "| gateway | 56,000 | 1.04x | 6 | 0.37x | 56 | 1.04x | 900 | 1.00x | 1,120 | 1.04x | 0 |"
         );
         assert!(scenario_table(&samples, &scenarios()[4]).is_none());
     }
