@@ -180,7 +180,7 @@ async fn backend_bad_opcode_gives_1014() {
 
 /// The data plane never hands work to io_uring's worker threads (`iou-wrk-*`): each of its
 /// operations completes inline or when its socket is ready. One that does not (a linked
-/// `IORING_OP_SHUTDOWN` does not, measured: two worker hand-offs and 3% more CPU per
+/// `IORING_OP_SHUTDOWN` does not, measured: a worker hand-off and 3% more proxy CPU per
 /// connection) costs a thread switch per use; this guards the path every connection takes:
 /// upgrade, messages, a close handshake or a vanished client, relayed or echoed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
