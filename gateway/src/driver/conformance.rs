@@ -4,7 +4,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
@@ -49,6 +49,16 @@ pub(crate) fn one(b: &mut impl Backend) -> Cqe {
 /// cancel has no completion of its own).
 pub(crate) fn cancel(b: &mut impl Backend, target: u64, slotless: bool) {
     b.push(u64::MAX, Sqe::Cancel { target, slotless });
+}
+
+/// A pooled read of `fd` under `user_data` that must hand over exactly `want`; its buffer goes
+/// back to the pool.
+pub(crate) fn read_pooled(b: &mut impl Backend, user_data: u64, fd: RawFd, want: &[u8]) {
+    b.push(user_data, Sqe::RecvPooled { fd, len: 1024 });
+    let cqe = one(b);
+    assert_eq!(cqe.user_data, user_data);
+    assert_eq!(cqe.buf.as_deref(), Some(want));
+    b.recycle(cqe.buf.unwrap());
 }
 
 /// Fails if anything completes within `d`.
@@ -243,10 +253,7 @@ pub(crate) fn poll_in_waits_and_reads_nothing(b: &mut impl Backend) {
     assert!(cqe.result > 0, "a poll mask: {cqe:?}");
     assert!(cqe.buf.is_none(), "a poll holds no buffer");
     // The bytes are all still there for the read that follows.
-    b.push(2, Sqe::RecvPooled { fd, len: 1024 });
-    let cqe = one(b);
-    assert_eq!(cqe.buf.as_deref(), Some(&b"hello"[..]));
-    b.recycle(cqe.buf.unwrap());
+    read_pooled(b, 2, fd, b"hello");
 
     b.push(3, Sqe::PollIn { fd });
     quiet(b, Duration::from_millis(20));
@@ -291,16 +298,7 @@ pub(crate) fn many_polls_each_complete_once(b: &mut impl Backend) {
     }
     quiet(b, Duration::from_millis(20));
     for (i, (_, ours)) in pairs.iter().enumerate() {
-        b.push(
-            i as u64,
-            Sqe::RecvPooled {
-                fd: ours.as_raw_fd(),
-                len: 64,
-            },
-        );
-        let cqe = one(b);
-        assert_eq!(cqe.buf.as_deref(), Some(format!("to {i}").as_bytes()));
-        b.recycle(cqe.buf.unwrap());
+        read_pooled(b, i as u64, ours.as_raw_fd(), format!("to {i}").as_bytes());
     }
     for (_, ours) in pairs {
         b.close(ours);
@@ -316,10 +314,7 @@ pub(crate) fn a_socket_polls_again_after_each_poll(b: &mut impl Backend) {
     b.push(1, Sqe::PollIn { fd });
     peer.write_all(b"one").unwrap();
     assert!(one(b).result > 0);
-    b.push(2, Sqe::RecvPooled { fd, len: 64 });
-    let cqe = one(b);
-    assert_eq!(cqe.buf.as_deref(), Some(&b"one"[..]));
-    b.recycle(cqe.buf.unwrap());
+    read_pooled(b, 2, fd, b"one");
     b.push(3, Sqe::PollIn { fd });
     quiet(b, Duration::from_millis(20));
     peer.write_all(b"two").unwrap();
@@ -330,10 +325,7 @@ pub(crate) fn a_socket_polls_again_after_each_poll(b: &mut impl Backend) {
     // Nothing followed the last poll: a new one sees the bytes still there.
     b.push(4, Sqe::PollIn { fd });
     assert_eq!(one(b).user_data, 4);
-    b.push(5, Sqe::RecvPooled { fd, len: 64 });
-    let cqe = one(b);
-    assert_eq!(cqe.buf.as_deref(), Some(&b"two"[..]));
-    b.recycle(cqe.buf.unwrap());
+    read_pooled(b, 5, fd, b"two");
     b.close(ours);
 }
 

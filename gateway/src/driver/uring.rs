@@ -17,9 +17,10 @@
 //! need no table slot either (their ring user data is the loop's own with [`SLOTLESS`] set,
 //! as is a poll's, which lends nothing), so an idle connection costs this backend nothing.
 //! Each buffer the ring names is owned by [`BufRing`] until a completion reports its id; then
-//! it is handed out and the ring gets a fresh one in its place before the next submission. A read that finds the ring empty (a
-//! burst larger than the ring between two reaps) completes with `ENOBUFS`, which the loop
-//! answers by pushing it again: backpressure, never an error a connection sees.
+//! it is handed out and the ring gets a fresh one in its place before the next submission. A
+//! read that finds the ring empty (a burst larger than the ring between two reaps) completes
+//! with `ENOBUFS`, which the loop answers by pushing it again: backpressure, never an error a
+//! connection sees.
 #![expect(
     unsafe_code,
     reason = "io_uring: the kernel reads and writes buffers through raw pointers in submission \
