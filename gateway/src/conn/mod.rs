@@ -28,6 +28,8 @@ pub(crate) mod fuzzing;
 #[cfg(test)]
 mod sim;
 pub(crate) mod stamp;
+#[cfg(test)]
+pub(crate) mod testio;
 
 /// An operation a machine has in flight, per leg: at most one of each kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

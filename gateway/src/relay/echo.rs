@@ -435,11 +435,11 @@ mod tests {
 
     use codec::frame::OpCode;
 
-    use super::super::leg::testio::{
-        FakeIo, admitted, client_frame, close_payload, code_of, ctx, settings, upgraded,
-    };
     use super::*;
     use crate::conn::Phase;
+    use crate::conn::testio::{
+        FakeIo, admitted, client_frame, close_payload, code_of, ctx, settings, upgraded,
+    };
 
     /// Starts an echo with `input` already received.
     fn start(input: Vec<u8>) -> (CoreCtx, FakeIo, Echo, Status) {
@@ -453,6 +453,7 @@ mod tests {
     /// Delivers an event; Done must come with nothing in flight and admission released.
     fn ev(echo: &mut Echo, event: Event, ctx: &CoreCtx, io: &mut FakeIo) -> Status {
         let status = echo.on_event(event, ctx, io);
+        assert!(!io.cancelled(), "the echo never cancels");
         if status == Status::Done {
             assert_eq!(io.in_flight(), 0, "Done with operations in flight");
             assert_eq!(admitted(ctx), 0, "Done without releasing admission");

@@ -619,11 +619,11 @@ mod tests {
 
     use codec::frame::OpCode;
 
-    use super::super::leg::testio::{
+    use super::*;
+    use crate::conn::testio::{
         FakeIo, admitted, client_frame, close_payload, code_of, ctx, ix, server_frame, settings,
         upgraded,
     };
-    use super::*;
     use crate::conn::{Phase, Settings};
     use crate::relay::forward::KEEPALIVE_PAYLOAD;
     use crate::relay::keepalive::Keepalive;
@@ -655,6 +655,7 @@ mod tests {
         fn ev(&mut self, event: Event) {
             assert_eq!(self.status, Status::Running, "an event after Done");
             self.status = self.relay.on_event(event, &self.ctx, &mut self.io);
+            assert!(!self.io.cancelled(), "the relay never cancels");
             if self.status == Status::Done {
                 assert_eq!(self.io.in_flight(), 0, "Done with operations in flight");
                 assert_eq!(admitted(&self.ctx), 0, "Done without releasing admission");

@@ -1184,6 +1184,7 @@ mod tests {
 
     use super::*;
     use crate::config::reload::Shared;
+    use crate::conn::testio::{Call, FakeIo, ix};
     use crate::metrics::{BackendRow, LOCAL_ERRORS, UPGRADES};
 
     /// Routes for every test: the echo (with its own message limit), a pool of two
@@ -1235,121 +1236,6 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
         io::Error::from_raw_os_error(errno)
     }
 
-    /// An operation the fake loop holds until a test completes it.
-    #[derive(Debug)]
-    enum Op {
-        Recv(Side, Vec<u8>),
-        Send(Side, Vec<u8>, usize, usize),
-        Connect(SocketAddr),
-    }
-
-    impl Op {
-        fn is(&self, side: Side, kind: OpKind) -> bool {
-            match self {
-                Self::Recv(s, _) => *s == side && kind == OpKind::Recv,
-                Self::Send(s, ..) => *s == side && kind == OpKind::Send,
-                Self::Connect(_) => side == Side::Backend && kind == OpKind::Connect,
-            }
-        }
-    }
-
-    /// A request that completes nothing by itself.
-    #[derive(Debug, PartialEq)]
-    enum Call {
-        Connect(SocketAddr),
-        Cancel(Side, OpKind),
-        Shutdown(Side, Shutdown),
-        WakeAt(Instant),
-    }
-
-    /// A scripted loop: records what the machine asks, holds its operations until the test
-    /// completes them, and keeps a clock the test moves.
-    struct FakeIo {
-        now: Instant,
-        ops: Vec<Op>,
-        calls: Vec<Call>,
-        /// What `connect` fails with at once, if anything.
-        connect_error: Option<io::Error>,
-    }
-
-    impl FakeIo {
-        fn push(&mut self, op: Op) {
-            for kind in [OpKind::Recv, OpKind::Send, OpKind::Connect] {
-                for side in [Side::Client, Side::Backend] {
-                    assert!(
-                        !(op.is(side, kind) && self.in_flight(side, kind)),
-                        "a second {kind:?} on the {side:?} leg"
-                    );
-                }
-            }
-            self.ops.push(op);
-        }
-
-        fn in_flight(&self, side: Side, kind: OpKind) -> bool {
-            self.ops.iter().any(|op| op.is(side, kind))
-        }
-
-        fn take(&mut self, side: Side, kind: OpKind) -> Op {
-            let i = self
-                .ops
-                .iter()
-                .position(|op| op.is(side, kind))
-                .unwrap_or_else(|| panic!("no {kind:?} on {side:?} in flight: {:?}", self.ops));
-            self.ops.remove(i)
-        }
-    }
-
-    impl Io for FakeIo {
-        fn now(&self) -> Instant {
-            self.now
-        }
-
-        fn recv(&mut self, side: Side, mut buf: Vec<u8>, len: usize) {
-            assert!(len > 0, "a read needs room");
-            buf.reserve(len);
-            self.push(Op::Recv(side, buf));
-        }
-
-        fn recycle(&mut self, _buf: Vec<u8>) {}
-
-        fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {
-            assert!(
-                start < end && end <= buf.len(),
-                "{start}..{end} of {}",
-                buf.len()
-            );
-            self.push(Op::Send(side, buf, start, end));
-        }
-
-        fn connect(&mut self, addr: SocketAddr) -> io::Result<()> {
-            assert!(
-                !self.ops.iter().any(|op| op.is(Side::Backend, OpKind::Recv)
-                    || op.is(Side::Backend, OpKind::Send)
-                    || op.is(Side::Backend, OpKind::Connect)),
-                "a new backend socket while the old one has operations: {:?}",
-                self.ops
-            );
-            self.calls.push(Call::Connect(addr));
-            if let Some(e) = self.connect_error.take() {
-                return Err(e);
-            }
-            self.push(Op::Connect(addr));
-            Ok(())
-        }
-
-        fn cancel(&mut self, side: Side, kind: OpKind) {
-            self.calls.push(Call::Cancel(side, kind));
-        }
-
-        fn shutdown(&mut self, side: Side, how: Shutdown) {
-            self.calls.push(Call::Shutdown(side, how));
-        }
-
-        fn wake_at(&mut self, at: Instant) {
-            self.calls.push(Call::WakeAt(at));
-        }
-    }
-
     /// Captured log output.
     #[derive(Clone, Default)]
     struct Logs(Arc<Mutex<Vec<u8>>>);
@@ -1393,12 +1279,7 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
                 cursor: Cell::new(0),
                 draining: Cell::new(None),
             };
-            let io = FakeIo {
-                now: Instant::now(),
-                ops: Vec::new(),
-                calls: Vec::new(),
-                connect_error: None,
-            };
+            let io = FakeIo::default();
             Self {
                 ctx,
                 io,
@@ -1426,11 +1307,7 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
 
         fn check(&self, step: &UpgradeStep) {
             if !running(step) {
-                assert!(
-                    self.io.ops.is_empty(),
-                    "finished with operations in flight: {:?}",
-                    self.io.ops
-                );
+                assert_eq!(self.io.in_flight(), 0, "finished with operations in flight");
             }
         }
 
@@ -1443,9 +1320,9 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
 
         /// Completes the pending read on `side` with `bytes`.
         fn recv(&mut self, side: Side, bytes: &[u8]) -> UpgradeStep {
-            let Op::Recv(_, mut buf) = self.io.take(side, OpKind::Recv) else {
-                unreachable!()
-            };
+            let mut buf = self.io.recvs[ix(side)]
+                .take()
+                .unwrap_or_else(|| panic!("no read on {side:?}"));
             assert!(
                 bytes.len() <= buf.capacity() - buf.len(),
                 "more than the read's room"
@@ -1457,18 +1334,18 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
 
         /// Completes the pending read on `side` with no bytes: `result` is 0 or an error.
         fn recv_none(&mut self, side: Side, result: io::Result<usize>) -> UpgradeStep {
-            let Op::Recv(_, buf) = self.io.take(side, OpKind::Recv) else {
-                unreachable!()
-            };
+            let buf = self.io.recvs[ix(side)]
+                .take()
+                .unwrap_or_else(|| panic!("no read on {side:?}"));
             self.feed(Event::Received { side, buf, result })
         }
 
         /// Completes the pending write on `side`, `n` bytes of it (all: `None`); returns the
         /// bytes written.
         fn sent(&mut self, side: Side, n: Option<usize>) -> (Vec<u8>, UpgradeStep) {
-            let Op::Send(_, buf, start, end) = self.io.take(side, OpKind::Send) else {
-                unreachable!()
-            };
+            let (buf, start, end) = self.io.sends[ix(side)]
+                .take()
+                .unwrap_or_else(|| panic!("no write on {side:?}"));
             let n = n.unwrap_or(end - start);
             let bytes = buf[start..start + n].to_vec();
             let step = self.feed(Event::Sent {
@@ -1481,18 +1358,16 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
 
         /// Completes the pending write on `side` with an error.
         fn send_failed(&mut self, side: Side) -> UpgradeStep {
-            let Op::Send(_, buf, ..) = self.io.take(side, OpKind::Send) else {
-                unreachable!()
-            };
+            let (buf, ..) = self.io.sends[ix(side)]
+                .take()
+                .unwrap_or_else(|| panic!("no write on {side:?}"));
             let result = Err(os_error(libc::EPIPE));
             self.feed(Event::Sent { side, buf, result })
         }
 
         /// Completes the pending connect.
         fn connected(&mut self, result: io::Result<()>) -> UpgradeStep {
-            let Op::Connect(_) = self.io.take(Side::Backend, OpKind::Connect) else {
-                unreachable!()
-            };
+            assert!(self.io.connecting.take().is_some(), "no connect in flight");
             self.feed(Event::Connected(result))
         }
 
@@ -1509,22 +1384,15 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
 
         /// The pending write on `side`, whole, without completing it.
         fn pending_send(&self, side: Side) -> String {
-            self.io
-                .ops
-                .iter()
-                .find_map(|op| match op {
-                    Op::Send(s, buf, start, end) if *s == side => Some(text(&buf[*start..*end])),
-                    _ => None,
-                })
-                .unwrap_or_else(|| panic!("no write on {side:?}: {:?}", self.io.ops))
+            let (buf, start, end) = self.io.sends[ix(side)]
+                .as_ref()
+                .unwrap_or_else(|| panic!("no write on {side:?}"));
+            text(&buf[*start..*end])
         }
 
         /// The connect address of the pending connect.
         fn connecting_to(&self) -> Option<SocketAddr> {
-            self.io.ops.iter().find_map(|op| match op {
-                Op::Connect(addr) => Some(*addr),
-                _ => None,
-            })
+            self.io.connecting
         }
 
         /// Completes the client's write of a refusal: the client is shut down and the
@@ -1731,7 +1599,7 @@ backends = ["ws://127.0.0.1:9001/app", "ws://127.0.0.1:9002/app"]
         h.calls();
         assert!(running(&h.feed(Event::Drain(codec::CloseCode::GOING_AWAY))));
         assert!(
-            h.calls().is_empty() && h.io.ops.len() == 1,
+            h.calls().is_empty() && h.io.in_flight() == 1,
             "nothing new asked"
         );
         h.ctx.draining.set(Some(codec::CloseCode::GOING_AWAY));
