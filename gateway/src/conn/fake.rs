@@ -52,6 +52,8 @@ pub(crate) struct Pending {
     /// A read that lends no buffer (the machine handed an empty one over), of at most this
     /// many bytes: as the loop's pooled reads, it gets a fresh buffer only if bytes came.
     pub(crate) pooled: Option<usize>,
+    /// A write the machine follows with a FIN as soon as it completes whole (`fin_next`).
+    pub(crate) fin_next: bool,
 }
 
 /// One thing a scripted peer says.
@@ -184,6 +186,9 @@ pub(crate) struct World {
     /// Read sizes the calm ending cycles through (none: whole reads).
     pub(crate) cuts: Vec<usize>,
     next_cut: usize,
+    /// A write that said a FIN follows completed whole on this side: once the machine has
+    /// handled that completion, the side must be shut for writing.
+    fin_owed: Option<Side>,
 }
 
 impl Io for World {
@@ -205,13 +210,14 @@ impl Io for World {
 
     fn recycle(&mut self, _buf: Vec<u8>) {}
 
-    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {
+    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize, fin_next: bool) {
         assert!(
             start < end && end <= buf.len(),
             "send {start}..{end} of {}",
             buf.len()
         );
         self.add(side, OpKind::Send, buf, start, end);
+        self.pending.last_mut().expect("just added").fin_next = fin_next;
     }
 
     fn connect(&mut self, _addr: SocketAddr) -> io::Result<()> {
@@ -277,6 +283,7 @@ impl World {
             echo,
             cuts: Vec::new(),
             next_cut: 0,
+            fin_owed: None,
         }
     }
 
@@ -299,6 +306,13 @@ impl World {
         let next = conn.on_event(event, ctx, self);
         if next.is_none() && !self.pending.is_empty() {
             return Err(format!("ended with {:?} in flight", self.pending));
+        }
+        if let Some(side) = self.fin_owed.take()
+            && !self.peer(side).shut_write
+        {
+            return Err(format!(
+                "a write to the {side:?} said a FIN follows, and the socket was not shut"
+            ));
         }
         Ok(next)
     }
@@ -392,6 +406,7 @@ impl World {
             end,
             cancel: false,
             pooled: None,
+            fin_next: false,
         });
     }
 
@@ -457,6 +472,9 @@ impl World {
             peer.inbox.extend_from_slice(&p.buf[p.start..p.start + n]);
             Ok(n)
         };
+        if p.fin_next && matches!(result, Ok(n) if n == p.end - p.start) {
+            self.fin_owed = Some(side);
+        }
         Some(Event::Sent {
             side,
             buf: p.buf,

@@ -56,7 +56,11 @@ pub(crate) trait Io {
     /// Gives a buffer back to the loop's pool (one of another size is freed).
     fn recycle(&mut self, buf: Vec<u8>);
     /// One write of `buf[start..end]` to `side`; comes back as [`Event::Sent`], possibly short.
-    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize);
+    /// `fin_next`: the machine shuts `side` for writing as soon as this write has completed
+    /// whole, so the bytes may wait for that FIN and leave in one segment with it
+    /// (`MSG_MORE`); a machine that says so and then does not shut the socket leaves them
+    /// waiting until it closes.
+    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize, fin_next: bool);
     /// Opens a new backend socket and connects it to `addr`; comes back as
     /// [`Event::Connected`]. A previous backend socket is closed first: none of its operations
     /// may be in flight. An error here is local (no socket could be made: EMFILE, ENOBUFS).

@@ -38,6 +38,10 @@ pub(crate) struct FakeIo {
     pub(crate) connect_error: Option<io::Error>,
     /// Every request that completes nothing by itself, in order.
     pub(crate) calls: Vec<Call>,
+    /// Per side: the latest write said a FIN follows it (`fin_next`).
+    pub(crate) fin_next: [bool; 2],
+    /// Per side: such a write completed whole and the machine owes the FIN.
+    fin_owed: [bool; 2],
 }
 
 /// A request that completes nothing by itself.
@@ -73,6 +77,8 @@ impl Default for FakeIo {
             connecting: None,
             connect_error: None,
             calls: Vec::new(),
+            fin_next: [false; 2],
+            fin_owed: [false; 2],
         }
     }
 }
@@ -91,13 +97,14 @@ impl Io for FakeIo {
     }
     fn recycle(&mut self, _buf: Vec<u8>) {}
 
-    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {
+    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize, fin_next: bool) {
         assert!(
             start < end && end <= buf.len(),
             "bad write range {start}..{end}"
         );
         let old = self.sends[ix(side)].replace((buf, start, end));
         assert!(old.is_none(), "two writes on {side:?}");
+        self.fin_next[ix(side)] = fin_next;
     }
     fn connect(&mut self, addr: SocketAddr) -> io::Result<()> {
         let backend = ix(Side::Backend);
@@ -118,6 +125,9 @@ impl Io for FakeIo {
         self.calls.push(Call::Cancel(side, kind));
     }
     fn shutdown(&mut self, side: Side, how: Shutdown) {
+        if how != Shutdown::Read {
+            self.fin_owed[ix(side)] = false;
+        }
         self.shutdowns.push((side, how));
         self.calls.push(Call::Shutdown(side, how));
     }
@@ -133,6 +143,14 @@ impl FakeIo {
         self.recvs.iter().flatten().count()
             + self.sends.iter().flatten().count()
             + usize::from(self.connecting.is_some())
+    }
+
+    /// A side whose write said a FIN follows it, completed whole, and was not shut for
+    /// writing: checked once the machine has handled the completion.
+    pub(crate) fn fin_owed(&self) -> Option<Side> {
+        [Side::Client, Side::Backend]
+            .into_iter()
+            .find(|&side| self.fin_owed[ix(side)])
     }
 
     /// Whether the machine asked to cancel anything (the relaying machines never do).
@@ -193,6 +211,7 @@ impl FakeIo {
             .unwrap_or_else(|| panic!("no write on {side:?}"));
         let n = (end - start).min(max);
         self.wire[ix(side)].extend_from_slice(&buf[start..start + n]);
+        self.fin_owed[ix(side)] = self.fin_next[ix(side)] && n == end - start;
         Event::Sent {
             side,
             buf,

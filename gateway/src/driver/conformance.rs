@@ -467,6 +467,7 @@ pub(crate) fn connect_succeeds_to_a_listener_and_is_refused_by_a_closed_port(b: 
             buf: b"ping".to_vec(),
             start: 0,
             end: 4,
+            more: false,
         },
     );
     let cqe = one(b);
@@ -588,6 +589,43 @@ pub(crate) fn shutdown_completes_a_waiting_recv_with_end_of_stream(b: &mut impl 
     }
 }
 
+/// A send marked `more` (a FIN follows) completes whole but its bytes wait: they leave with
+/// the shutdown for writing that follows, and the peer reads them, then end of stream. Should
+/// no shutdown come, closing the socket still delivers them.
+pub(crate) fn bytes_sent_with_more_leave_with_the_fin(b: &mut impl Backend) {
+    for shut_first in [true, false] {
+        let (mut peer, ours) = pair();
+        b.push(
+            1,
+            Sqe::Send {
+                fd: ours.as_raw_fd(),
+                buf: b"bye".to_vec(),
+                start: 0,
+                end: 3,
+                more: true,
+            },
+        );
+        let cqe = one(b);
+        assert_eq!((cqe.user_data, cqe.result), (1, 3));
+        peer.set_read_timeout(Some(Duration::from_millis(30)))
+            .unwrap();
+        let mut got = [0; 8];
+        let waited = peer.read(&mut got).unwrap_err().kind();
+        assert!(
+            matches!(waited, ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "the bytes waited for the FIN ({waited:?})"
+        );
+        if shut_first {
+            SockRef::from(&ours).shutdown(Shutdown::Write).unwrap();
+        }
+        b.close(ours);
+        peer.set_read_timeout(None).unwrap();
+        let mut all = Vec::new();
+        peer.read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"bye", "shut first: {shut_first}");
+    }
+}
+
 /// A send larger than the socket takes at once, to a slow reader, goes in several short sends,
 /// each of at most what was asked and handing the buffer back unchanged; the reader gets every
 /// byte, in order.
@@ -620,6 +658,7 @@ pub(crate) fn a_large_send_to_a_slow_reader_arrives_whole(b: &mut impl Backend) 
                 buf,
                 start,
                 end: LEN,
+                more: false,
             },
         );
         let cqe = one(b);

@@ -190,6 +190,8 @@ struct SendOp {
     start: usize,
     /// One past the last byte to send.
     end: usize,
+    /// With `MSG_MORE` (a FIN follows).
+    more: bool,
 }
 
 /// What one attempt at an operation came to.
@@ -326,7 +328,11 @@ impl Core {
         let st = &mut self.fds[i];
         match sqe {
             Sqe::Send {
-                buf, start, end, ..
+                buf,
+                start,
+                end,
+                more,
+                ..
             } => {
                 if st.send.is_some() {
                     debug_assert!(false, "a second Send on fd {fd}");
@@ -338,6 +344,7 @@ impl Core {
                     buf,
                     start,
                     end,
+                    more,
                 };
                 if st.writable {
                     match send(fd, &op) {
@@ -656,8 +663,9 @@ fn send(fd: RawFd, op: &SendOp) -> Attempt {
         return Attempt::Done(-libc::EINVAL);
     };
     let bytes = &bytes[..bytes.len().min(MAX_IO)];
+    let more = if op.more { libc::MSG_MORE } else { 0 };
     loop {
-        match with_socket(fd, |s| s.send_with_flags(bytes, libc::MSG_NOSIGNAL)) {
+        match with_socket(fd, |s| s.send_with_flags(bytes, libc::MSG_NOSIGNAL | more)) {
             Ok(n) => return Attempt::Done(count(n)),
             Err(e) => match e.kind() {
                 io::ErrorKind::Interrupted => {}
@@ -942,6 +950,7 @@ mod tests {
                     buf: b,
                     start: 0,
                     end,
+                    more: false,
                 },
             );
             if ep.core.parked.contains_key(&round) {
@@ -961,6 +970,11 @@ mod tests {
     #[test]
     fn wait_with_nothing_ready_returns_after_the_timeout() {
         conformance::wait_with_nothing_ready_returns_after_the_timeout(&mut Epoll::new().unwrap());
+    }
+
+    #[test]
+    fn bytes_sent_with_more_leave_with_the_fin() {
+        conformance::bytes_sent_with_more_leave_with_the_fin(&mut Epoll::new().unwrap());
     }
 
     #[test]
@@ -990,6 +1004,7 @@ mod tests {
                 buf: b"unread".to_vec(),
                 start: 0,
                 end: 6,
+                more: false,
             },
         );
         assert_eq!(one(&mut ep).result, 6);
@@ -1006,6 +1021,7 @@ mod tests {
                 buf: b"more".to_vec(),
                 start: 0,
                 end: 4,
+                more: false,
             },
         );
         let c = one(&mut ep);

@@ -683,12 +683,13 @@ impl<B: Backend> Io for SlotIo<'_, B> {
         self.backend.recycle(buf);
     }
 
-    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize) {
+    fn send(&mut self, side: Side, buf: Vec<u8>, start: usize, end: usize, fin_next: bool) {
         self.push(op_bit(side, OpKind::Send), side, |fd| Sqe::Send {
             fd,
             buf,
             start,
             end,
+            more: fin_next,
         });
     }
 

@@ -71,6 +71,9 @@ pub(crate) enum Sqe {
         start: usize,
         /// One past the last byte to send.
         end: usize,
+        /// `MSG_MORE`: a shutdown for writing follows at once, and the bytes may wait for it
+        /// so that they and the FIN leave as one segment.
+        more: bool,
     },
     /// Connects a non-blocking socket; result 0 once connected.
     Connect {

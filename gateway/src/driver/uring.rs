@@ -263,11 +263,13 @@ impl Backend for Uring {
                 buf,
                 start,
                 end,
+                more,
             } => Op::Send {
                 fd,
                 buf,
                 start,
                 end,
+                more,
             },
             Sqe::Connect { fd, addr } => Op::Connect {
                 fd,
@@ -558,6 +560,8 @@ enum Op {
         start: usize,
         /// One past the last.
         end: usize,
+        /// With `MSG_MORE` (a FIN follows).
+        more: bool,
     },
     /// A connect.
     Connect {
@@ -591,10 +595,12 @@ impl Op {
                 buf,
                 start,
                 end,
+                more,
             } => {
                 let bytes = &buf[*start..*end];
+                let more = if *more { libc::MSG_MORE } else { 0 };
                 opcode::Send::new(types::Fd(*fd), bytes.as_ptr(), op_len(bytes.len()))
-                    .flags(libc::MSG_NOSIGNAL)
+                    .flags(libc::MSG_NOSIGNAL | more)
                     .build()
             }
             Self::Connect { fd, addr } => {
@@ -776,6 +782,7 @@ mod tests {
                 buf,
                 start: 2,
                 end: 7,
+                more: false,
             },
         );
         let cqe = one(&mut ring);
@@ -827,6 +834,11 @@ mod tests {
     #[test]
     fn wait_with_nothing_ready_returns_after_the_timeout() {
         conformance::wait_with_nothing_ready_returns_after_the_timeout(&mut Uring::new(8).unwrap());
+    }
+
+    #[test]
+    fn bytes_sent_with_more_leave_with_the_fin() {
+        conformance::bytes_sent_with_more_leave_with_the_fin(&mut Uring::new(8).unwrap());
     }
 
     #[test]

@@ -287,8 +287,9 @@ impl Echo {
                         .close_handshake(now.saturating_duration_since(closed.since));
                     self.stage = Stage::Done;
                 } else {
-                    // Echo the client's close payload back: the usual reply.
-                    self.leg.queue_close(payload);
+                    // Echo the client's close payload back: the usual reply, and the FIN
+                    // follows it at once (the `Replying` stage).
+                    self.leg.queue_last_close(payload);
                     self.stage = Stage::Replying {
                         since: Some(now),
                         violation: false,
@@ -454,6 +455,7 @@ mod tests {
     fn ev(echo: &mut Echo, event: Event, ctx: &CoreCtx, io: &mut FakeIo) -> Status {
         let status = echo.on_event(event, ctx, io);
         assert!(!io.cancelled(), "the echo never cancels");
+        assert_eq!(io.fin_owed(), None, "a write said a FIN follows; none did");
         if status == Status::Done {
             assert_eq!(io.in_flight(), 0, "Done with operations in flight");
             assert_eq!(admitted(ctx), 0, "Done without releasing admission");
@@ -489,6 +491,10 @@ mod tests {
         assert_eq!(ev(&mut echo, event, &ctx, &mut io), Status::Done);
         assert_eq!(io.take_frames(Side::Client), [(OpCode::Close, bye)]);
         assert!(io.read_shut(Side::Client), "the gateway closes TCP at once");
+        assert!(
+            io.fin_next[0],
+            "the reply and the FIN after it may leave as one segment"
+        );
         let o = echo.outcome();
         assert_eq!(o.close_code, Some(CloseCode::NORMAL));
         assert_eq!((o.closed_by, echo.bytes()), (Some(Closer::Client), [5, 5]));

@@ -76,6 +76,9 @@ pub(crate) struct Leg {
     pub(crate) aborted: bool,
     /// Shut the socket down both ways once the close is settled (a dead peer).
     kill_after_close: bool,
+    /// The machine shuts the socket for writing as soon as the close is written: the close
+    /// frame may wait for that FIN and leave in one segment with it.
+    fin_after_close: bool,
     /// When bytes last arrived from this peer (pongs included): liveness for keepalive.
     pub(crate) last_seen: Stamp,
     /// When the gateway last pinged this peer.
@@ -99,6 +102,7 @@ impl Leg {
             shut_write: false,
             aborted: false,
             kill_after_close: false,
+            fin_after_close: false,
             last_seen: Stamp::at(now),
             pinged: None,
             write_since: None,
@@ -148,6 +152,15 @@ impl Leg {
         if matches!(self.close, CloseState::None) {
             self.close = CloseState::Pending(payload);
         }
+    }
+
+    /// As [`Leg::queue_close`], for a close the machine follows with a FIN as soon as it is
+    /// written (the last bytes of a finished close handshake).
+    pub(crate) fn queue_last_close(&mut self, payload: Box<ControlPayload>) {
+        if matches!(self.close, CloseState::None) {
+            self.fin_after_close = true;
+        }
+        self.queue_close(payload);
     }
 
     /// Shuts the socket down once this peer's close is settled (a dead peer: nothing will
@@ -209,7 +222,10 @@ impl Leg {
         debug_assert!(self.send == Sending::Idle, "one write per leg");
         self.send = what;
         self.write_since = Some(Stamp::at(now));
-        io.send(self.side, buf, start, end);
+        let fin_next = what == Sending::Control
+            && self.fin_after_close
+            && matches!(self.close, CloseState::Writing(_));
+        io.send(self.side, buf, start, end, fin_next);
     }
 
     /// A write came back (the caller goes on with its buffer).

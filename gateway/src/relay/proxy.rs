@@ -361,13 +361,17 @@ impl Relay {
         };
         self.record_close(code, Closer::from(from), reason);
         let relayed = action != OnClose::Absorb;
-        if relayed {
-            self.legs[ix(from.other())].queue_close(payload);
-        }
         let finished = match (action, from) {
             (OnClose::RelayAndFinish, _) | (OnClose::Absorb, Side::Client) => true,
             (OnClose::Relay | OnClose::Absorb, _) => false,
         };
+        if relayed && finished && from == Side::Backend {
+            // The backend's reply completes the handshake: the client's socket is shut as
+            // soon as it is written (`finish_end`).
+            self.legs[ix(Side::Client)].queue_last_close(payload);
+        } else if relayed {
+            self.legs[ix(from.other())].queue_close(payload);
+        }
         self.stages[ix(from)] = Stage::Ending(End::Close { relayed, finished });
     }
 
@@ -656,6 +660,11 @@ mod tests {
             assert_eq!(self.status, Status::Running, "an event after Done");
             self.status = self.relay.on_event(event, &self.ctx, &mut self.io);
             assert!(!self.io.cancelled(), "the relay never cancels");
+            assert_eq!(
+                self.io.fin_owed(),
+                None,
+                "a write said a FIN follows; none did"
+            );
             if self.status == Status::Done {
                 assert_eq!(self.io.in_flight(), 0, "Done with operations in flight");
                 assert_eq!(admitted(&self.ctx), 0, "Done without releasing admission");
@@ -778,8 +787,16 @@ mod tests {
             t.io.shutdowns.is_empty(),
             "nothing is shut before the reply"
         );
+        assert!(
+            !t.io.fin_next[ix(Side::Backend)],
+            "no FIN to the backend yet"
+        );
         t.send(Side::Backend, &server_frame(OpCode::Close, &bye), 100);
         assert_eq!(t.io.take_frames(Side::Client), [(OpCode::Close, bye)]);
+        assert!(
+            t.io.fin_next[ix(Side::Client)],
+            "the reply and the FIN after it may leave as one segment"
+        );
         assert!(
             t.io.read_shut(Side::Client),
             "the client's TCP is closed once relayed"
@@ -801,6 +818,10 @@ mod tests {
         assert_eq!(
             t.io.take_frames(Side::Client),
             [(OpCode::Close, bye.clone())]
+        );
+        assert!(
+            !t.io.fin_next[ix(Side::Client)],
+            "the client has yet to answer"
         );
         t.send(Side::Client, &client_frame(OpCode::Close, &bye), 100);
         assert_eq!(t.io.take_frames(Side::Backend), [(OpCode::Close, bye)]);

@@ -226,7 +226,7 @@ impl Writing {
     /// Starts writing all of `buf` to `side`.
     fn start(io: &mut dyn Io, side: Side, buf: Vec<u8>) -> Self {
         let len = buf.len();
-        io.send(side, buf, 0, len);
+        io.send(side, buf, 0, len, false);
         Self { written: 0, len }
     }
 
@@ -244,7 +244,7 @@ impl Writing {
                 if self.written >= self.len {
                     Wrote::Whole(buf)
                 } else {
-                    io.send(side, buf, self.written, self.len);
+                    io.send(side, buf, self.written, self.len, false);
                     Wrote::Pending
                 }
             }
