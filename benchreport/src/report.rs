@@ -243,7 +243,8 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "close",
             title: "Close handshake",
-            note: "reply: our Close written to the peer's Close; eof: to its TCP close. \
+            note: "reply: from the write of our Close (when it was submitted) to the peer's Close; \
+                   eof: to its TCP close. \
                    Much of a proxy's added time is the wake-up of the other CPU in this VM, \
                    so compare ratios and the time added over direct; the one-CPU table below \
                    has no such wake-up.",

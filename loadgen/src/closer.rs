@@ -19,14 +19,14 @@ pub(crate) enum CloseState {
     Open,
     /// Our Close is queued; its write has not completed yet.
     Queued,
-    /// Our Close was written at `sent`; awaiting the server's Close.
+    /// Our Close was written by a write submitted at `sent`; awaiting the server's Close.
     ExpectClose {
-        /// When our Close was written.
+        /// When the write of our Close was submitted.
         sent: Instant,
     },
     /// The server answered; awaiting its TCP close.
     ExpectEof {
-        /// When our Close was written.
+        /// When the write of our Close was submitted.
         sent: Instant,
         /// When the server's Close arrived.
         answered: Instant,
@@ -43,9 +43,9 @@ pub(crate) enum CloseState {
 pub(crate) enum Closed {
     /// We started it.
     Ours {
-        /// Our Close written to the server's Close arriving.
+        /// From our Close's write to the server's Close arriving.
         reply: Duration,
-        /// Our Close written to the server's TCP close.
+        /// From our Close's write to the server's TCP close.
         eof: Duration,
     },
     /// The server started it.
@@ -99,10 +99,11 @@ impl Closer {
         self.state = CloseState::Queued;
     }
 
-    /// Notes that everything queued was written: our Close is on the wire from `now`.
-    pub(crate) fn on_written(&mut self, now: Instant) {
+    /// Notes that everything queued was written, by a write submitted at `submitted`: our
+    /// Close counts as sent from then.
+    pub(crate) fn on_written(&mut self, submitted: Instant) {
         if self.state == CloseState::Queued {
-            self.state = CloseState::ExpectClose { sent: now };
+            self.state = CloseState::ExpectClose { sent: submitted };
         }
     }
 

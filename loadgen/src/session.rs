@@ -62,8 +62,10 @@ pub(crate) trait Handler {
     /// Something arrived from the server at `now`; after [`Incoming::Eof`] only `Done` or
     /// `Fail` make sense.
     fn on_incoming(&mut self, event: Incoming<'_>, now: Instant, out: &mut Vec<u8>) -> Step;
-    /// Everything queued in `out` was written by `now`.
-    fn on_written(&mut self, now: Instant);
+    /// Everything queued in `out` was written, by a write submitted at `submitted`: what
+    /// answers it is timed from there, not from the write's completion, which a busy CPU can
+    /// report after the answer is already in (the server runs between the two on one CPU).
+    fn on_written(&mut self, submitted: Instant);
 }
 
 type ReadResult = (io::Result<usize>, Vec<u8>);
@@ -200,7 +202,8 @@ async fn flush<F: Future<Output = ReadResult>, H: Handler>(
     if out.is_empty() {
         return Ok(out);
     }
-    let deadline = Instant::now() + limit;
+    let submitted = Instant::now();
+    let deadline = submitted + limit;
     let write = conn.write_all(out);
     let mut write = pin!(write);
     let written = poll_fn(|cx| {
@@ -225,7 +228,7 @@ async fn flush<F: Future<Output = ReadResult>, H: Handler>(
     let (result, mut out) = written.ok_or(ErrorKind::Timeout)?;
     result.map_err(|_| ErrorKind::Io)?;
     out.clear();
-    handler.on_written(Instant::now());
+    handler.on_written(submitted);
     Ok(out)
 }
 

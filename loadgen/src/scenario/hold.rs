@@ -220,8 +220,8 @@ impl Handler for Hold<'_> {
         }
     }
 
-    fn on_written(&mut self, now: Instant) {
-        self.closer.on_written(now);
+    fn on_written(&mut self, submitted: Instant) {
+        self.closer.on_written(submitted);
     }
 }
 
