@@ -18,7 +18,7 @@ use common::config::{
 };
 use common::{
     EchoBackend, WsClient, close_frame, connect, drain_to_end, free_addr, http_exchange,
-    raw_client, recv_data, send, within, within_for,
+    raw_client, recv_data, refusing_addr, send, within, within_for,
 };
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
@@ -204,7 +204,8 @@ async fn frame_counters_move_live_and_close_metrics_follow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_connect_failures_and_health_gauge() {
     let live = TagBackend::start("live").await;
-    let (dead, probed) = (free_addr(), free_addr());
+    let (dead, probed) = (refusing_addr(), refusing_addr());
+    let (dead, probed) = (dead.addr, probed.addr);
     let routes = format!(
         "[[route]]\npath_prefix = \"/live\"\nupstream = \"live\"\n\n\
          [[route]]\npath_prefix = \"/dead\"\nupstream = \"dead\"\n\n\

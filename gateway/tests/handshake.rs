@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use codec::frame::{OpCode, RSV1};
 use common::{
     EchoBackend, Gateway, HttpHead, RAW_KEY, RawBackend, StatusBackend, WsBackend, connect,
-    free_addr, http_exchange, raw_client, recv_data, refused_status, send, within, within_for,
+    http_exchange, raw_client, recv_data, refused_status, refusing_addr, send, within, within_for,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -113,7 +113,8 @@ async fn too_many_headers_gives_431() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_backend_gives_502() {
-    let down = free_addr();
+    let down = refusing_addr();
+    let down = down.addr;
     let gw = Gateway::start(&[
         "--backend",
         &format!("ws://{down}"),
@@ -125,7 +126,8 @@ async fn unreachable_backend_gives_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_backend_down_fails_over_to_second() {
-    let down = free_addr();
+    let down = refusing_addr();
+    let down = down.addr;
     let mut backend = EchoBackend::start().await;
     let gw = Gateway::start(&[
         "--backend",

@@ -11,7 +11,9 @@ use common::config::{
     ConfigGateway, TagBackend, TempConfig, connect_from, preamble, sample, scrape, upgrade_request,
     wait_metric,
 };
-use common::{Gateway, STEP, field, free_addr, raw_client, refused_status, try_connect, within};
+use common::{
+    Gateway, STEP, field, free_addr, raw_client, refused_status, refusing_addr, try_connect, within,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite;
@@ -240,7 +242,8 @@ async fn assert_counted(gw: &Gateway, admin: SocketAddr, backend: &TagBackend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ejection_is_logged_with_its_reason() {
-    let dead = free_addr();
+    let dead = refusing_addr();
+    let dead = dead.addr;
     let gw = ConfigGateway::start(&format!(
         "{}[[route]]\nupstream = \"pool\"\n\n\
          [upstream.pool]\nbackends = [\"ws://{dead}\"]\neject_after = 2\neject_for = \"45s\"\n",

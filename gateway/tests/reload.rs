@@ -18,7 +18,7 @@ use common::config::{
 };
 use common::{
     STEP, close_frame, connect, drain_to_end, expect_close, field, free_addr, http_exchange,
-    recv_data, send, within,
+    recv_data, refusing_addr, send, within,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -347,7 +347,8 @@ async fn reload_applies_new_limits_to_new_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_the_state_of_unchanged_pools() {
-    let (dead, other) = (free_addr(), free_addr());
+    let (dead, other) = (refusing_addr(), refusing_addr());
+    let (dead, other) = (dead.addr, other.addr);
     let admin = free_addr();
     let file = |route: &str, backend: SocketAddr| {
         format!(

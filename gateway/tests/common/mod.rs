@@ -339,6 +339,34 @@ pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     None
 }
 
+/// An address on 127.0.0.1 that refuses connections for as long as this lives: a socket is
+/// bound to it and never listens, so no other socket can take the port meanwhile. A port from
+/// [`free_addr`] is free again at once: the next free port asked for, a gateway's own listener
+/// among them, can be the same one, and a "dead" backend then answers.
+pub struct Refusing {
+    _socket: socket2::Socket,
+    /// The address.
+    pub addr: SocketAddr,
+}
+
+/// See [`Refusing`].
+#[must_use]
+pub fn refusing_addr() -> Refusing {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+    socket.bind(&any.into()).expect("bind a refusing port");
+    let addr = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("its address");
+    Refusing {
+        _socket: socket,
+        addr,
+    }
+}
+
 /// An address on 127.0.0.1 where nothing listens (bound, then released).
 #[must_use]
 pub fn free_addr() -> SocketAddr {
