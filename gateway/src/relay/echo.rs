@@ -439,7 +439,7 @@ mod tests {
     use super::*;
     use crate::conn::Phase;
     use crate::conn::testio::{
-        FakeIo, admitted, client_frame, close_payload, code_of, ctx, settings, upgraded,
+        FakeIo, admitted, client_frame, close_payload, code_of, ctx, ix, settings, upgraded,
     };
 
     /// Starts an echo with `input` already received.
@@ -492,7 +492,7 @@ mod tests {
         assert_eq!(io.take_frames(Side::Client), [(OpCode::Close, bye)]);
         assert!(io.read_shut(Side::Client), "the gateway closes TCP at once");
         assert!(
-            io.fin_next[0],
+            io.fin_next[ix(Side::Client)],
             "the reply and the FIN after it may leave as one segment"
         );
         let o = echo.outcome();

@@ -365,12 +365,15 @@ impl Relay {
             (OnClose::RelayAndFinish, _) | (OnClose::Absorb, Side::Client) => true,
             (OnClose::Relay | OnClose::Absorb, _) => false,
         };
-        if relayed && finished && from == Side::Backend {
-            // The backend's reply completes the handshake: the client's socket is shut as
-            // soon as it is written (`finish_end`).
-            self.legs[ix(Side::Client)].queue_last_close(payload);
-        } else if relayed {
-            self.legs[ix(from.other())].queue_close(payload);
+        if relayed {
+            let to = &mut self.legs[ix(from.other())];
+            if finished && from == Side::Backend {
+                // The backend's reply completes the handshake: the client's socket is shut
+                // as soon as it is written (`finish_end`).
+                to.queue_last_close(payload);
+            } else {
+                to.queue_close(payload);
+            }
         }
         self.stages[ix(from)] = Stage::Ending(End::Close { relayed, finished });
     }
