@@ -10,6 +10,7 @@ use common::{
     EchoBackend, Gateway, RawBackend, WsBackend, close_frame, connect, drain_to_end, expect_close,
     raw_client, recv_data, send, within,
 };
+use tokio::io::AsyncWriteExt as _;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The bound on the gateway closing a TCP connection once it may.
@@ -98,6 +99,25 @@ async fn gateway_closes_client_tcp_after_backend_close() {
         Some(1001),
         "the client's reply at the backend"
     );
+}
+
+/// Once the backend has answered the client's close and ended its stream, the gateway sends
+/// it the FIN it still owes: after the loop's next turn (so that a client on the same CPU reads
+/// the reply first), which comes within a millisecond even when nothing else happens. Without
+/// that bound the FIN would wait for the next unrelated wake-up (the read sweep, seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_gets_its_fin_after_the_handshake_on_a_quiet_gateway() {
+    let mut backend = RawBackend::start().await;
+    let gw = Gateway::start(&["--backend", &backend.url()]);
+    let (mut client, _) = raw_client(gw.addr, "/", "gw.test", &[]).await;
+    let (_, mut up) = backend.accept().await;
+    client.send_close(4000, "bye").await;
+    assert_eq!(up.expect_close().await.close_code(), Some(4000));
+    up.send_close(4000, "bye").await;
+    up.stream.shutdown().await.expect("the backend's FIN");
+    assert_eq!(client.expect_close().await.close_code(), Some(4000));
+    client.expect_eof(EOF_BOUND).await;
+    up.expect_eof(EOF_BOUND).await;
 }
 
 /// A client that never answers the backend's close is dropped after `--close-timeout`.
