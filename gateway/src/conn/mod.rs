@@ -70,6 +70,10 @@ pub(crate) trait Io {
     fn cancel(&mut self, side: Side, kind: OpKind);
     /// Shuts `side`'s socket down: a pending read ends with end of stream, a pending write with
     /// an error. Harmless on a socket already shut.
+    ///
+    /// The loop may send the FIN of a socket whose peer already ended its stream, with nothing
+    /// in flight, at its next turn instead (before any later operation on it): nobody is
+    /// waiting for that one.
     fn shutdown(&mut self, side: Side, how: Shutdown);
     /// Asks for an [`Event::Timer`] at `at` or soon after. An earlier request stands: a later
     /// `at` does not postpone it, so a machine re-asks for its next deadline when it fires.
