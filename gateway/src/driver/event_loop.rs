@@ -97,7 +97,7 @@ const SHUT_LATER: u8 = 1 << 2;
 /// the shutdown that follows: that one never waits.
 const MORE_SENT: u8 = 1 << 4;
 
-/// `side`'s bit of the [`Slot::teardown`] flag `flag`.
+/// `side`'s bits of the [`Slot::teardown`] flags `flag` (one or more, or-ed).
 fn bit(flag: u8, side: Side) -> u8 {
     flag << side_ix(side)
 }
@@ -240,6 +240,15 @@ impl Slot {
         match side {
             Side::Client => self.client.as_ref(),
             Side::Backend => self.backend.as_ref(),
+        }
+    }
+
+    /// Shuts `side`'s socket down now, which settles a shutdown left for later and the FIN a
+    /// `MSG_MORE` write waits for.
+    fn shut(&mut self, side: Side, how: Shutdown) {
+        self.teardown &= !bit(SHUT_LATER | MORE_SENT, side);
+        if let Some(fd) = self.fd(side) {
+            drop(socket2::SockRef::from(fd).shutdown(how));
         }
     }
 }
@@ -394,13 +403,10 @@ impl<B: Backend> EventLoop<B> {
                 continue;
             }
             for side in [Side::Client, Side::Backend] {
-                if slot.teardown & bit(SHUT_LATER, side) != 0
-                    && let Some(fd) = slot.fd(side)
-                {
-                    drop(socket2::SockRef::from(fd).shutdown(Shutdown::Both));
+                if slot.teardown & bit(SHUT_LATER, side) != 0 {
+                    slot.shut(side, Shutdown::Both);
                 }
             }
-            slot.teardown &= !(bit(SHUT_LATER, Side::Client) | bit(SHUT_LATER, Side::Backend));
         }
         for fd in self.closing.drain(..) {
             self.backend.close(fd);
@@ -718,7 +724,7 @@ impl<B: Backend> SlotIo<'_, B> {
         if self.slot.teardown & bit(SHUT_LATER, side) != 0 {
             // An operation on a socket shut down for later: it finds the socket shut, as the
             // machine expects.
-            self.shutdown_now(side, Shutdown::Both);
+            self.slot.shut(side, Shutdown::Both);
         }
         self.slot.inflight |= op;
         let data = user_data(self.index, self.slot.generation, op);
@@ -736,13 +742,6 @@ impl<B: Backend> SlotIo<'_, B> {
                 accepted: None,
                 more: false,
             });
-        }
-    }
-
-    fn shutdown_now(&mut self, side: Side, how: Shutdown) {
-        self.slot.teardown &= !(bit(SHUT_LATER, side) | bit(MORE_SENT, side));
-        if let Some(fd) = self.slot.fd(side) {
-            drop(socket2::SockRef::from(fd).shutdown(how));
         }
     }
 }
@@ -801,9 +800,7 @@ impl<B: Backend> Io for SlotIo<'_, B> {
         if let Some(old) = self.slot.backend.take() {
             self.backend.close(old);
         }
-        self.slot.teardown &= !(bit(PEER_DONE, Side::Backend)
-            | bit(SHUT_LATER, Side::Backend)
-            | bit(MORE_SENT, Side::Backend));
+        self.slot.teardown &= !bit(PEER_DONE | SHUT_LATER | MORE_SENT, Side::Backend);
         self.slot.backend = Some(socket.into());
         self.push(CONNECT, Side::Backend, |fd| Sqe::Connect {
             fd,
@@ -840,7 +837,7 @@ impl<B: Backend> Io for SlotIo<'_, B> {
             self.slot.teardown |= bit(SHUT_LATER, side);
             return;
         }
-        self.shutdown_now(side, how);
+        self.slot.shut(side, how);
     }
 
     fn wake_at(&mut self, at: Instant) {
