@@ -28,6 +28,13 @@ pub(crate) struct RunEntry {
     /// Proxy PSS while the idle connections were held, KiB.
     #[serde(default)]
     pub(crate) pss_during_kib: Option<f64>,
+    /// The kernel's unreclaimable slab (`/proc/meminfo` `SUnreclaim`, the whole machine)
+    /// before the idle connections were opened, KiB.
+    #[serde(default)]
+    pub(crate) slab_before_kib: Option<f64>,
+    /// The same late in the hold, once idle reads were parked, KiB.
+    #[serde(default)]
+    pub(crate) slab_during_kib: Option<f64>,
 }
 
 /// The part of a loadgen `--json` file the report uses.

@@ -63,6 +63,14 @@ fn bytes_per_connection(s: &Sample) -> Option<f64> {
     (conns > 0.0).then(|| growth * 1024.0 / conns)
 }
 
+/// The machine's kernel slab growth per held connection, bytes: every socket of the
+/// connection (loadgen's, the proxy's two, the backend's) and what waits on them.
+fn slab_per_connection(s: &Sample) -> Option<f64> {
+    let conns = s.run.as_ref()?.summary.connections_opened;
+    let growth = s.entry.slab_during_kib? - s.entry.slab_before_kib?;
+    (conns > 0.0).then(|| growth * 1024.0 / conns)
+}
+
 fn echo_figures() -> Vec<Figure> {
     vec![
         Figure {
@@ -302,7 +310,9 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
             key: "idle",
             title: "Memory: idle proxied connections",
             note: "PSS of the proxy process (all its processes for nginx) before and while \
-                   loadgen holds the connections.",
+                   loadgen holds the connections; the machine's unreclaimable kernel slab \
+                   (`SUnreclaim`) before and late in the hold, after idle reads were parked, \
+                   per connection, and what a proxy adds to direct's.",
             figures: vec![
                 Figure {
                     name: "connections",
@@ -317,6 +327,11 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
                 Figure {
                     name: "bytes per connection",
                     extract: bytes_per_connection,
+                    ratio: true,
+                },
+                Figure {
+                    name: "kernel slab per connection B",
+                    extract: slab_per_connection,
                     ratio: true,
                 },
                 Figure {
@@ -433,6 +448,11 @@ fn added_over_direct(scenario: &str) -> Option<Figure> {
             extract: |s| pct(s, "echo_rtt", 50.0),
             ratio: true,
         }),
+        "idle" => Some(Figure {
+            name: "kernel slab added over direct B",
+            extract: slab_per_connection,
+            ratio: true,
+        }),
         _ => None,
     }
 }
@@ -547,6 +567,8 @@ pub(crate) mod tests {
                 proxy_cpu_s: cpu,
                 pss_before_kib: None,
                 pss_during_kib: None,
+                slab_before_kib: None,
+                slab_during_kib: None,
             },
             run: Some(LoadgenRun::parse(&json).unwrap()),
         }
@@ -737,5 +759,45 @@ pub(crate) mod tests {
         assert_eq!(bytes_per_connection(&s), Some(1024.0));
         s.entry.pss_during_kib = None;
         assert_eq!(bytes_per_connection(&s), None);
+    }
+
+    #[test]
+    fn idle_table_shows_kernel_slab_added_over_direct() {
+        let idle = |target: &str, slab_kib: f64, pss: bool| {
+            let mut s = sample(target, 1, 0.0, None);
+            s.entry.scenario = "idle".to_owned();
+            s.entry.slab_before_kib = Some(50_000.0);
+            s.entry.slab_during_kib = Some(50_000.0 + slab_kib);
+            if pss {
+                s.entry.pss_before_kib = Some(1000.0);
+                s.entry.pss_during_kib = Some(1100.0);
+            }
+            s
+        };
+        // 100 connections: direct 200 KiB of slab (2,048 B each), nginx 800, the gateway 750.
+        let samples = vec![
+            idle("direct", 200.0, false),
+            idle("nginx", 800.0, true),
+            idle("gateway", 750.0, true),
+        ];
+        let idle_scenario = scenarios().into_iter().find(|s| s.key == "idle").unwrap();
+        let table = scenario_table(&samples, &idle_scenario).unwrap();
+        let header = table.lines().find(|l| l.starts_with("| target")).unwrap();
+        assert!(
+            header.ends_with(
+                "| kernel slab per connection B | ÷ nginx | errors \
+                 | kernel slab added over direct B | ÷ nginx |"
+            ),
+            "{header}"
+        );
+        // The gateway: 7,680 B per connection, 5,632 over direct's 2,048, 0.92x nginx's 6,144.
+        let gateway = table.lines().find(|l| l.starts_with("| gateway")).unwrap();
+        assert!(
+            gateway.ends_with("| 7,680 | 0.94x | 0 | 5,632 | 0.92x |"),
+            "{gateway}"
+        );
+        // Direct has no proxy, so no PSS.
+        let direct = table.lines().find(|l| l.starts_with("| direct")).unwrap();
+        assert!(direct.starts_with("| direct | 100 | – |"), "{direct}");
     }
 }
