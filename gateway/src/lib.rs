@@ -156,6 +156,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
     let drain_timeout = config.server.drain_timeout;
     let read_buffers = config.server.read_buffers;
     let park_reads_after = config.server.park_reads_after;
+    let reserve = per_core_reserve(config.global_limits.max_connections, cores);
     let admin_addr = config.server.admin;
     let upstreams: Vec<String> = config.pools.iter().map(|p| p.name.clone()).collect();
     let echo = config.pools.is_empty();
@@ -182,6 +183,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
             drain: receiver,
             drain_timeout,
             park_reads_after,
+            reserve,
         };
         let core = core_ids.get(index).copied();
         let (setup_tx, setup_rx) = std::sync::mpsc::channel();
@@ -320,6 +322,15 @@ fn serve_core(
     }
 }
 
+/// How many connections each core's loop reserves room for: its share of what the process can
+/// hold (`limits.max_connections`, and the descriptor limit, a descriptor or two each).
+fn per_core_reserve(max_connections: usize, cores: usize) -> usize {
+    let descriptors = driver::event_loop::nofile_limit()
+        .parse::<usize>()
+        .unwrap_or(usize::MAX);
+    max_connections.min(descriptors).div_ceil(cores.max(1))
+}
+
 /// Binds every listener once per core, up front, so errors surface before anything starts
 /// and a `:0` port resolves once for all cores.
 fn bind(
@@ -359,4 +370,19 @@ fn start_admin(addr: std::net::SocketAddr, shared: &Arc<Shared>) -> Result<(), S
     };
     admin::spawn(listener, state).map_err(|e| format!("cannot start the admin thread: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_core_reserves_its_share_of_what_the_process_can_hold() {
+        let descriptors: usize = crate::driver::event_loop::nofile_limit()
+            .parse()
+            .unwrap_or(usize::MAX);
+        let few = descriptors.min(1_000);
+        assert_eq!(super::per_core_reserve(few, 4), few.div_ceil(4));
+        assert_eq!(super::per_core_reserve(few, 1), few);
+        // The descriptor limit binds when it is lower than max_connections.
+        assert!(super::per_core_reserve(usize::MAX, 2) <= descriptors.div_ceil(2));
+    }
 }
