@@ -323,13 +323,21 @@ fn serve_core(
 }
 
 /// How many connections each core's loop reserves room for: its share of what the process can
-/// hold (`limits.max_connections`, and the descriptor limit, a descriptor or two each).
+/// hold (`limits.max_connections`, and the descriptor limit, a descriptor or two each), at most
+/// [`MAX_RESERVE`].
 fn per_core_reserve(max_connections: usize, cores: usize) -> usize {
     let descriptors = driver::event_loop::nofile_limit()
         .parse::<usize>()
         .unwrap_or(usize::MAX);
-    max_connections.min(descriptors).div_ceil(cores.max(1))
+    max_connections
+        .min(descriptors)
+        .div_ceil(cores.max(1))
+        .min(MAX_RESERVE)
 }
+
+/// The most connections a core reserves room for up front (68 MiB of address space): a
+/// configured limit far above what one core serves must not become one huge allocation.
+const MAX_RESERVE: usize = 1 << 20;
 
 /// Binds every listener once per core, up front, so errors surface before anything starts
 /// and a `:0` port resolves once for all cores.
@@ -382,7 +390,9 @@ mod tests {
         let few = descriptors.min(1_000);
         assert_eq!(super::per_core_reserve(few, 4), few.div_ceil(4));
         assert_eq!(super::per_core_reserve(few, 1), few);
-        // The descriptor limit binds when it is lower than max_connections.
-        assert!(super::per_core_reserve(usize::MAX, 2) <= descriptors.div_ceil(2));
+        // The descriptor limit binds when it is lower than max_connections, and the cap when
+        // both are far above it.
+        let most = super::per_core_reserve(usize::MAX, 2);
+        assert!(most <= descriptors.div_ceil(2) && most <= super::MAX_RESERVE);
     }
 }
