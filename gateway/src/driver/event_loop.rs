@@ -207,7 +207,7 @@ pub(crate) struct LoopArgs {
     /// `None`: never.
     pub(crate) park_reads_after: Option<Duration>,
     /// Connections to reserve the slot table, free list and timer heap for. Grown by
-    /// doubling instead, they would leave each old copy behind, resident: about 90 bytes per
+    /// doubling instead, they would leave each old copy behind, resident: about 85 bytes per
     /// connection at 9,900 held (`scripts/measure-idle-memory`). Reserved is address space,
     /// resident only as slots are used; more connections than this still fit.
     pub(crate) reserve: usize,
