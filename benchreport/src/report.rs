@@ -56,19 +56,22 @@ pub(crate) fn cpu_per_million(s: &Sample) -> Option<f64> {
     (messages > 0.0).then(|| cpu / messages * 1e6)
 }
 
+/// Growth from `before` to `during` (KiB) per connection `s` held, bytes.
+fn growth_per_connection(s: &Sample, before: Option<f64>, during: Option<f64>) -> Option<f64> {
+    let conns = s.run.as_ref()?.summary.connections_opened;
+    let growth = during? - before?;
+    (conns > 0.0).then(|| growth * 1024.0 / conns)
+}
+
 /// Proxy PSS growth per held connection, bytes.
 fn bytes_per_connection(s: &Sample) -> Option<f64> {
-    let conns = s.run.as_ref()?.summary.connections_opened;
-    let growth = s.entry.pss_during_kib? - s.entry.pss_before_kib?;
-    (conns > 0.0).then(|| growth * 1024.0 / conns)
+    growth_per_connection(s, s.entry.pss_before_kib, s.entry.pss_during_kib)
 }
 
 /// The machine's kernel slab growth per held connection, bytes: every socket of the
 /// connection (loadgen's, the proxy's two, the backend's) and what waits on them.
 fn slab_per_connection(s: &Sample) -> Option<f64> {
-    let conns = s.run.as_ref()?.summary.connections_opened;
-    let growth = s.entry.slab_during_kib? - s.entry.slab_before_kib?;
-    (conns > 0.0).then(|| growth * 1024.0 / conns)
+    growth_per_connection(s, s.entry.slab_before_kib, s.entry.slab_during_kib)
 }
 
 fn echo_figures() -> Vec<Figure> {
