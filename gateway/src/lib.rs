@@ -201,12 +201,10 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
     }
     // Each core sets its ring up on its own thread (io_uring's single-issuer mode wants the
     // thread that submits to be the one that made the ring); any failure stops the start.
-    let mut setup = ("", "");
-    for rx in setups {
-        setup = rx
-            .recv()
-            .map_err(|_| "a worker thread died during setup".to_owned())??;
-    }
+    let setup = setups.into_iter().try_fold(("", "", ""), |_, rx| {
+        rx.recv()
+            .map_err(|_| "a worker thread died during setup".to_owned())?
+    })?;
     let admin = admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         listen = %bound.join(","),
@@ -217,6 +215,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
         nofile_limit = driver::event_loop::nofile_limit(),
         io_backend = setup.0,
         io_setup = setup.1,
+        io_reads = setup.2,
         "gateway listening"
     );
     if echo {
@@ -257,6 +256,10 @@ enum Chosen {
 /// backend of every gateway it starts without editing a file or a command line.
 const IO_BACKEND_ENV: &str = "WSGATE_IO_BACKEND";
 
+/// `single` makes io_uring serve each read with a read of its own instead of one multishot
+/// read per socket, as on kernels before 6.7: for comparisons, and to keep that path tested.
+const URING_READS_ENV: &str = "WSGATE_URING_READS";
+
 /// Decides the backend from the setting: `auto` takes io_uring when a ring can be set up, and
 /// says on one line why it serves on epoll when not.
 fn choose_backend(mut setting: driver::IoBackend) -> Result<Chosen, String> {
@@ -295,21 +298,28 @@ fn serve_core(
     backend: Chosen,
     read_buffers: u16,
     args: driver::event_loop::LoopArgs,
-    setup: &std::sync::mpsc::Sender<Result<(&'static str, &'static str), String>>,
+    setup: &std::sync::mpsc::Sender<Result<(&'static str, &'static str, &'static str), String>>,
 ) {
     use driver::Backend as _;
     use driver::event_loop::EventLoop;
     match backend {
         Chosen::Uring => match driver::uring::Uring::with_bufs(RING_ENTRIES, read_buffers) {
             Ok(ring) => {
-                drop(setup.send(Ok((ring.name(), ring.setup()))));
+                let single = std::env::var(URING_READS_ENV).is_ok_and(|v| v == "single");
+                let ring = if single { ring.single_shot() } else { ring };
+                let reads = if ring.multishot() {
+                    "multishot"
+                } else {
+                    "single"
+                };
+                drop(setup.send(Ok((ring.name(), ring.setup(), reads))));
                 EventLoop::new(ring, args).run();
             }
             Err(e) => drop(setup.send(Err(format!("cannot set up io_uring: {e}")))),
         },
         Chosen::Epoll => match driver::epoll::Epoll::with_pool(usize::from(read_buffers)) {
             Ok(epoll) => {
-                drop(setup.send(Ok((epoll.name(), "edge-triggered"))));
+                drop(setup.send(Ok((epoll.name(), "edge-triggered", "single"))));
                 // A read waiting on epoll is only its socket's registration: nothing to park.
                 let args = driver::event_loop::LoopArgs {
                     park_reads_after: None,

@@ -137,6 +137,11 @@ impl RecvOp {
         let (buf, into) = match sqe {
             Sqe::Recv { buf, .. } => (buf, ReadInto::Buf),
             Sqe::RecvPooled { len, .. } => (Vec::new(), ReadInto::Pool(len.max(1))),
+            // One read ends a multishot read here (its contract allows it; see `multishot`).
+            Sqe::RecvMulti { .. } => {
+                let len = u32::try_from(POOL_BUF).unwrap_or(u32::MAX);
+                (Vec::new(), ReadInto::Pool(len))
+            }
             Sqe::PollIn { .. } => (Vec::new(), ReadInto::Nothing),
             other => return Err(other),
         };
@@ -295,17 +300,11 @@ impl Backend for Epoll {
 impl Core {
     /// Tries `sqe` at once where its socket is believed ready, else parks it.
     fn push(&mut self, registry: &Registry, user_data: u64, sqe: Sqe) {
-        let fd = match &sqe {
-            Sqe::Cancel { target, .. } => {
-                self.cancel(*target);
-                return;
+        let Some(fd) = sqe.fd() else {
+            if let Sqe::Cancel { target, .. } = sqe {
+                self.cancel(target);
             }
-            Sqe::Accept { fd }
-            | Sqe::Recv { fd, .. }
-            | Sqe::RecvPooled { fd, .. }
-            | Sqe::PollIn { fd }
-            | Sqe::Send { fd, .. }
-            | Sqe::Connect { fd, .. } => *fd,
+            return;
         };
         let Some(i) = self.slot(fd) else {
             let errno = if fd < 0 { libc::EBADF } else { libc::ENOMEM };
@@ -388,7 +387,11 @@ impl Core {
                 }
                 st.accept = Some(user_data);
             }
-            Sqe::Cancel { .. } | Sqe::Recv { .. } | Sqe::RecvPooled { .. } | Sqe::PollIn { .. } => {
+            Sqe::Cancel { .. }
+            | Sqe::Recv { .. }
+            | Sqe::RecvPooled { .. }
+            | Sqe::RecvMulti { .. }
+            | Sqe::PollIn { .. } => {
                 unreachable!("handled above")
             }
         }
@@ -424,6 +427,7 @@ impl Core {
         let buf = match sqe {
             Sqe::Recv { buf, .. } | Sqe::Send { buf, .. } => Some(buf),
             Sqe::RecvPooled { .. }
+            | Sqe::RecvMulti { .. }
             | Sqe::PollIn { .. }
             | Sqe::Accept { .. }
             | Sqe::Connect { .. }

@@ -11,13 +11,17 @@
 //! leg, which kind): a slot is reused only once every operation of its previous connection has
 //! completed, so a completion always finds the connection that asked for it.
 //!
+//! Where the backend keeps multishot reads armed (io_uring on 6.7 and later), a socket's pooled
+//! reads are all served from one (`stream.rs` decides each step): bytes that come while its
+//! machine is not reading wait in the loop's stash, in order, and stop the read until it reads.
+//!
 //! On io_uring a sweep every `park_reads_after` parks the pooled reads it finds waiting for the
 //! second time: each waits as a poll, which holds less kernel memory, until bytes come
-//! (`park.rs` decides each step; the machines never see it).
+//! (`park.rs` and `stream.rs` decide each step; the machines never see it).
 #![forbid(unsafe_code)]
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::num::NonZeroU64;
@@ -32,7 +36,8 @@ use codec::CloseCode;
 use crate::config::reload::Shared;
 use crate::conn::{Conn, CoreCtx, Event, Io, OpKind};
 use crate::driver::park::{Next, Park};
-use crate::driver::{Backend, Cqe, Sqe};
+use crate::driver::stream::{Act, Served, Stream};
+use crate::driver::{Backend, Cqe, POOL_BUF, Sqe};
 use crate::relay::lifecycle::Side;
 
 /// The slot of operations the loop runs for itself (accepts, the drain signal).
@@ -80,7 +85,7 @@ fn op_bit(side: Side, kind: OpKind) -> u8 {
     }
 }
 
-/// Index of `side` in [`Slot::parks`] and [`Slot::read_len`].
+/// Index of `side` in [`Slot::parks`] and [`Slot::streams`].
 fn side_ix(side: Side) -> usize {
     match side {
         Side::Client => 0,
@@ -228,10 +233,9 @@ struct Slot {
     inflight: u8,
     /// Each side's pooled read, by [`side_ix`], as parking sees it.
     parks: [Park; 2],
-    /// Each side's pooled read's length, to read again after a park or a buffer shortage
-    /// (at most [`u16::MAX`]: a pooled read reads at most one pool buffer, 64 KiB, so a read
-    /// of 65,536 becomes one of 65,535, which "at most" allows).
-    read_len: [u16; 2],
+    /// Each side's multishot read, by [`side_ix`], where the backend has them: all of the
+    /// side's reads are served from it while it is active (see `stream.rs`).
+    streams: [Stream; 2],
     /// The earliest deadline the machine asked for and has not been woken for.
     deadline: Option<Tick>,
     /// Where each side's teardown stands: [`PEER_DONE`], [`SHUT_LATER`] and [`MORE_SENT`],
@@ -286,6 +290,17 @@ pub(crate) struct EventLoop<B: Backend> {
     next_sweep: Option<Instant>,
     /// Completions the loop makes itself (an operation on a socket that does not exist).
     synthetic: Vec<Cqe>,
+    /// The backend keeps multishot reads armed: pooled reads are served from them.
+    multishot: bool,
+    /// Completions of multishot reads that came while their machine was not reading, by the
+    /// read's user data, in order (see `stream.rs`: at most a few per read, since the first
+    /// one stops the read).
+    stash: HashMap<u64, VecDeque<Cqe>>,
+    /// Machines' own buffers for reads served from a multishot read, by user data: its bytes
+    /// are appended to them (only a frame left incomplete is copied this way).
+    held: HashMap<u64, Vec<u8>>,
+    /// Reads (user data) served from the stash, or cancelled, at the next turn.
+    serve: Vec<u64>,
     /// Slots (index, generation) with a shutdown waiting for the next turn.
     shut_later: Vec<(u32, u32)>,
     /// Sockets of freed slots, closed at the next turn.
@@ -306,6 +321,7 @@ impl<B: Backend> EventLoop<B> {
             reserve,
         } = args;
         let now = Instant::now();
+        let multishot = backend.multishot();
         Self {
             backend,
             ctx: CoreCtx {
@@ -330,6 +346,10 @@ impl<B: Backend> EventLoop<B> {
             park_reads_after,
             next_sweep: park_reads_after.map(|d| now + d),
             synthetic: Vec::new(),
+            multishot,
+            stash: HashMap::new(),
+            held: HashMap::new(),
+            serve: Vec::new(),
             shut_later: Vec::new(),
             closing: Vec::new(),
             now,
@@ -355,6 +375,7 @@ impl<B: Backend> EventLoop<B> {
             for cqe in cqes.drain(..) {
                 self.complete(cqe);
             }
+            self.serve_reads();
             self.fire_timers();
             if let Some(deadline) = self.drain_deadline {
                 let timed_out = self.now >= deadline;
@@ -370,7 +391,7 @@ impl<B: Backend> EventLoop<B> {
     /// How long the next wait may last: until the earliest deadline, and no longer than
     /// [`TEARDOWN_DELAY`] while a teardown waits.
     fn next_timeout(&self) -> Option<Duration> {
-        if !self.synthetic.is_empty() {
+        if !self.synthetic.is_empty() || !self.serve.is_empty() {
             return Some(Duration::ZERO);
         }
         let timer = self
@@ -457,6 +478,9 @@ impl<B: Backend> EventLoop<B> {
             Side::Backend
         };
         let mut cqe = cqe;
+        if op & (CLIENT_RECV | BACKEND_RECV) != 0 && s.streams[side_ix(side)].in_kernel() {
+            return self.stream_completed(slot, side, op, cqe);
+        }
         if op & (CLIENT_RECV | BACKEND_RECV) != 0 {
             let i = side_ix(side);
             let fd = s.fd(side).map(AsRawFd::as_raw_fd);
@@ -468,15 +492,14 @@ impl<B: Backend> EventLoop<B> {
                     None
                 }
                 // The read found every buffer in use (the backend refills them before its next
-                // submission), or waited long and was parked: it goes again, the same read.
+                // submission), or waited long and was parked: it goes again, at most a pool
+                // buffer (what a multishot read takes, too).
                 (Next::Read, Some(fd)) => {
                     if cqe.result == -libc::ENOBUFS {
                         self.ctx.metrics.read_buffer_wait();
                     }
-                    Some(Sqe::RecvPooled {
-                        fd,
-                        len: u32::from(s.read_len[i]),
-                    })
+                    let len = u32::try_from(POOL_BUF).unwrap_or(u32::MAX);
+                    Some(Sqe::RecvPooled { fd, len })
                 }
                 (Next::Poll, Some(fd)) => {
                     self.ctx.metrics.read_parked();
@@ -495,17 +518,137 @@ impl<B: Backend> EventLoop<B> {
             }
         }
         s.inflight &= !op;
-        if cqe.result == 0 && op & (CLIENT_RECV | BACKEND_RECV) != 0 {
-            s.teardown |= bit(PEER_DONE, side);
-        }
+        self.hand_over(slot, side, op, cqe);
+    }
+
+    /// Hands slot `index`'s machine the completion of its `op` on `side`, whose in-flight bit
+    /// the caller has settled: a read's bytes go after those of the machine's own buffer, if
+    /// the loop holds one for it.
+    fn hand_over(&mut self, index: u32, side: Side, op: u8, cqe: Cqe) {
         let result = to_result(cqe.result);
-        let buf = cqe.buf.unwrap_or_default();
-        let event = match op {
-            CLIENT_RECV | BACKEND_RECV => Event::Received { side, buf, result },
-            CLIENT_SEND | BACKEND_SEND => Event::Sent { side, buf, result },
-            _ => Event::Connected(result.map(drop)),
+        let event = if op & (CLIENT_RECV | BACKEND_RECV) != 0 {
+            if cqe.result == 0 {
+                self.slots[index as usize].teardown |= bit(PEER_DONE, side);
+            }
+            let buf = match (self.held.remove(&cqe.user_data), cqe.buf) {
+                (Some(mut mine), Some(read)) => {
+                    mine.extend_from_slice(&read);
+                    self.backend.recycle(read);
+                    mine
+                }
+                (Some(mine), None) => mine,
+                (None, buf) => buf.unwrap_or_default(),
+            };
+            Event::Received { side, buf, result }
+        } else if op & (CLIENT_SEND | BACKEND_SEND) != 0 {
+            let buf = cqe.buf.unwrap_or_default();
+            Event::Sent { side, buf, result }
+        } else {
+            Event::Connected(result.map(drop))
         };
-        self.deliver(slot, event);
+        self.deliver(index, event);
+    }
+
+    /// A completion of slot `index`'s multishot read on `side` (or of the poll it is parked
+    /// behind): does what its [`Stream`] says.
+    fn stream_completed(&mut self, index: u32, side: Side, op: u8, mut cqe: Cqe) {
+        let s = &mut self.slots[index as usize];
+        let stream = &mut s.streams[side_ix(side)];
+        let act = stream.complete(cqe.result, cqe.more);
+        let busy = stream.busy();
+        let fd = s.fd(side).map(AsRawFd::as_raw_fd);
+        if !busy {
+            s.inflight &= !op;
+        }
+        match act {
+            Act::Arm | Act::Poll => {
+                if cqe.result == -libc::ENOBUFS {
+                    self.ctx.metrics.read_buffer_wait();
+                }
+                let sqe = match (act, fd) {
+                    (Act::Arm, Some(fd)) => Sqe::RecvMulti { fd },
+                    (_, Some(fd)) => {
+                        self.ctx.metrics.read_parked();
+                        Sqe::PollIn { fd }
+                    }
+                    // Cannot happen (a socket is kept while its read is armed): the read ends.
+                    (_, None) => {
+                        cqe.result = -libc::EBADF;
+                        cqe.more = false;
+                        self.synthetic.push(cqe);
+                        return;
+                    }
+                };
+                if let Some(buf) = cqe.buf.take() {
+                    self.backend.recycle(buf);
+                }
+                self.backend.push(cqe.user_data, sqe);
+            }
+            Act::Deliver => self.hand_over(index, side, op, cqe),
+            Act::Stash | Act::StashAndCancel => {
+                let target = cqe.user_data;
+                self.stash.entry(target).or_default().push_back(cqe);
+                if act == Act::StashAndCancel {
+                    // The machine is not reading: stop the bytes until it does.
+                    let cancel = Sqe::Cancel {
+                        target,
+                        slotless: true,
+                    };
+                    self.backend.push(u64::MAX, cancel);
+                }
+            }
+            Act::Drop | Act::Wait | Act::Serve => {
+                if let Some(buf) = cqe.buf {
+                    self.backend.recycle(buf);
+                }
+                if !busy {
+                    self.maybe_free(index);
+                }
+            }
+        }
+    }
+
+    /// Serves the reads that [`Stream`]s asked for at this turn: from the stash, or cancelled.
+    fn serve_reads(&mut self) {
+        for data in std::mem::take(&mut self.serve) {
+            let (index, generation, op) = split(data);
+            let Some(s) = self.slots.get_mut(index as usize) else {
+                continue;
+            };
+            if s.generation & GEN_MASK != generation || s.conn.is_none() {
+                continue;
+            }
+            let side = if op == CLIENT_RECV {
+                Side::Client
+            } else {
+                Side::Backend
+            };
+            let stream = &mut s.streams[side_ix(side)];
+            let queued = self.stash.get(&data).map_or(0, VecDeque::len);
+            let cqe = match stream.serve(queued) {
+                Served::Nothing => continue,
+                Served::Cancelled => Cqe {
+                    user_data: data,
+                    result: -libc::ECANCELED,
+                    buf: None,
+                    accepted: None,
+                    more: false,
+                },
+                Served::Stashed { last } => {
+                    let Some(cqe) = self.stash.get_mut(&data).and_then(VecDeque::pop_front) else {
+                        continue;
+                    };
+                    if last {
+                        self.stash.remove(&data);
+                    }
+                    cqe
+                }
+            };
+            if !stream.busy() {
+                s.inflight &= !op;
+            }
+            self.hand_over(index, side, op, cqe);
+        }
     }
 
     /// Hands `event` to slot `index`'s machine and frees the slot once it ended and nothing
@@ -532,6 +675,9 @@ impl<B: Backend> EventLoop<B> {
             timers: &mut self.timers,
             epoch: self.epoch,
             synthetic: &mut self.synthetic,
+            multishot: self.multishot,
+            held: &mut self.held,
+            serve: &mut self.serve,
             shut_later: &mut self.shut_later,
             slot: &mut self.slots[index as usize],
             index,
@@ -544,7 +690,33 @@ impl<B: Backend> EventLoop<B> {
     /// Stores the machine's next state; frees the slot if it ended.
     fn settle(&mut self, index: u32, next: Option<Conn>) {
         let slot = &mut self.slots[index as usize];
-        if next.is_none() && slot.inflight != 0 {
+        if next.is_none() {
+            // A multishot read outlives the machine's last read: stop it, and free the slot
+            // once it has ended.
+            for side in [Side::Client, Side::Backend] {
+                let stream = &mut slot.streams[side_ix(side)];
+                if stream.in_kernel() && !stream.wants() {
+                    let (_, cancel) = stream.abandon();
+                    if cancel {
+                        let target = user_data(index, slot.generation, op_bit(side, OpKind::Recv));
+                        let cancel = Sqe::Cancel {
+                            target,
+                            slotless: true,
+                        };
+                        self.backend.push(u64::MAX, cancel);
+                    }
+                }
+            }
+        }
+        // What only the reads stopped above still hold.
+        let stopping = [Side::Client, Side::Backend]
+            .into_iter()
+            .filter(|&side| {
+                let stream = slot.streams[side_ix(side)];
+                stream.in_kernel() && !stream.wants()
+            })
+            .fold(0, |bits, side| bits | op_bit(side, OpKind::Recv));
+        if next.is_none() && slot.inflight & !stopping != 0 {
             // The machines' contract says this never happens; if it did, the slot waits for
             // the operations rather than free buffers the kernel may still use.
             tracing::error!(
@@ -568,6 +740,19 @@ impl<B: Backend> EventLoop<B> {
                 .into_iter()
                 .flatten(),
         );
+        if slot.streams != [Stream::default(); 2] {
+            // Bytes that came after the machine's last read, and its stream's last state.
+            slot.streams = [Stream::default(); 2];
+            for op in [CLIENT_RECV, BACKEND_RECV] {
+                let data = user_data(index, slot.generation, op);
+                for cqe in self.stash.remove(&data).into_iter().flatten() {
+                    if let Some(buf) = cqe.buf {
+                        self.backend.recycle(buf);
+                    }
+                }
+                self.held.remove(&data);
+            }
+        }
         slot.generation = slot.generation.wrapping_add(1);
         slot.deadline = None;
         slot.teardown = 0;
@@ -615,7 +800,16 @@ impl<B: Backend> EventLoop<B> {
             }
             for side in [Side::Client, Side::Backend] {
                 let op = op_bit(side, OpKind::Recv);
-                if slot.inflight & op != 0 && slot.parks[side_ix(side)].sweep() {
+                let i = side_ix(side);
+                if slot.inflight & op == 0 {
+                    continue;
+                }
+                let park = if slot.streams[i].in_kernel() {
+                    slot.streams[i].sweep()
+                } else {
+                    slot.parks[i].sweep()
+                };
+                if park {
                     let target = user_data(index as u32, slot.generation, op);
                     let cancel = Sqe::Cancel {
                         target,
@@ -712,6 +906,9 @@ struct SlotIo<'a, B: Backend> {
     timers: &'a mut Timers,
     epoch: Instant,
     synthetic: &'a mut Vec<Cqe>,
+    multishot: bool,
+    held: &'a mut HashMap<u64, Vec<u8>>,
+    serve: &'a mut Vec<u64>,
     shut_later: &'a mut Vec<(u32, u32)>,
     slot: &'a mut Slot,
     index: u32,
@@ -727,6 +924,12 @@ impl<B: Backend> SlotIo<'_, B> {
             0,
             "one operation of a kind per leg"
         );
+        self.push_op(op, side, sqe);
+    }
+
+    /// [`SlotIo::push`] without its check: a multishot read is armed again while its
+    /// in-flight bit stays set.
+    fn push_op(&mut self, op: u8, side: Side, sqe: impl FnOnce(i32) -> Sqe) {
         if self.slot.teardown & bit(SHUT_LATER, side) != 0 {
             // An operation on a socket shut down for later: it finds the socket shut, as the
             // machine expects.
@@ -759,12 +962,28 @@ impl<B: Backend> Io for SlotIo<'_, B> {
 
     fn recv(&mut self, side: Side, mut buf: Vec<u8>, len: usize) {
         let op = op_bit(side, OpKind::Recv);
+        let i = side_ix(side);
+        if self.multishot && (buf.is_empty() || self.slot.streams[i].active()) {
+            // Served from the side's multishot read: armed now if it is not yet.
+            let data = user_data(self.index, self.slot.generation, op);
+            if buf.is_empty() {
+                self.backend.recycle(buf);
+            } else {
+                self.held.insert(data, buf);
+            }
+            self.slot.inflight |= op;
+            match self.slot.streams[i].want() {
+                Act::Arm => self.push_op(op, side, |fd| Sqe::RecvMulti { fd }),
+                Act::Serve => self.serve.push(data),
+                _ => {}
+            }
+            return;
+        }
         if buf.is_empty() {
             // Nothing to append to: the read takes a pool buffer when bytes arrive.
             self.backend.recycle(buf);
             let len = u32::try_from(len).unwrap_or(u32::MAX);
             self.slot.parks[side_ix(side)] = Park::read();
-            self.slot.read_len[side_ix(side)] = u16::try_from(len).unwrap_or(u16::MAX);
             self.push(op, side, |fd| Sqe::RecvPooled { fd, len });
         } else {
             buf.reserve(len.max(1));
@@ -817,6 +1036,22 @@ impl<B: Backend> Io for SlotIo<'_, B> {
 
     fn cancel(&mut self, side: Side, kind: OpKind) {
         let op = op_bit(side, kind);
+        let stream = &mut self.slot.streams[side_ix(side)];
+        if kind == OpKind::Recv && stream.wants() {
+            // A read served from a multishot read: it comes back cancelled at the next turn,
+            // and the multishot read is stopped.
+            let (_, cancel) = stream.abandon();
+            let target = user_data(self.index, self.slot.generation, op);
+            if cancel {
+                let cancel = Sqe::Cancel {
+                    target,
+                    slotless: true,
+                };
+                self.backend.push(u64::MAX, cancel);
+            }
+            self.serve.push(target);
+            return;
+        }
         // A parked read may have its own cancel on the way already, or none to cancel.
         let park = &mut self.slot.parks[side_ix(side)];
         let slotless = kind == OpKind::Recv && park.pooled();

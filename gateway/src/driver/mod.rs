@@ -20,6 +20,7 @@ mod conformance;
 pub(crate) mod epoll;
 pub(crate) mod event_loop;
 pub(crate) mod park;
+pub(crate) mod stream;
 pub(crate) mod uring;
 
 /// An operation for a backend. Buffers move in with it and come back with its [`Cqe`].
@@ -51,6 +52,17 @@ pub(crate) enum Sqe {
         fd: RawFd,
         /// The most bytes to read (capped at [`POOL_BUF`]).
         len: u32,
+    },
+    /// Reads into buffers of the backend's [`BufPool`], each taken only when bytes arrive,
+    /// again and again: one completion per read (with [`Cqe::more`] set while it goes on),
+    /// each handing over its buffer as `RecvPooled`'s do, until one without `more` ends it
+    /// (an end of stream, an error, `-ENOBUFS` when a burst found every buffer in use,
+    /// `-ECANCELED`), which a backend may also do after any read. A read takes at most one
+    /// pool buffer ([`POOL_BUF`]). Its user data must have the top bit clear, as a
+    /// `RecvPooled`'s; it is cancelled like one (`slotless`).
+    RecvMulti {
+        /// The socket.
+        fd: RawFd,
     },
     /// Waits until a read of `fd` would not wait (bytes, an end of stream or an error are
     /// there), reads nothing and completes with a positive poll mask. It takes a read's place
@@ -93,6 +105,22 @@ pub(crate) enum Sqe {
     },
 }
 
+impl Sqe {
+    /// The socket the operation works on; `None` for a cancel.
+    pub(crate) fn fd(&self) -> Option<RawFd> {
+        match self {
+            Self::Accept { fd }
+            | Self::Recv { fd, .. }
+            | Self::RecvPooled { fd, .. }
+            | Self::RecvMulti { fd }
+            | Self::PollIn { fd }
+            | Self::Send { fd, .. }
+            | Self::Connect { fd, .. } => Some(*fd),
+            Self::Cancel { .. } => None,
+        }
+    }
+}
+
 /// A finished operation.
 #[derive(Debug)]
 pub(crate) struct Cqe {
@@ -129,6 +157,13 @@ pub(crate) trait Backend {
     /// Closes a socket none of whose operations is in flight (the epoll backend forgets it
     /// first).
     fn close(&mut self, fd: OwnedFd);
+
+    /// Whether `RecvMulti` goes on after a read, so that the loop serves a socket's reads
+    /// from one armed operation; false where each would end after one read (then the loop
+    /// uses `RecvPooled`, which is no worse there).
+    fn multishot(&self) -> bool {
+        false
+    }
 
     /// Takes back a buffer for the read pool: one a `RecvPooled` handed out, or any other of
     /// the pool's size. Others are freed.

@@ -20,7 +20,9 @@
 //! it is handed out and the ring gets a fresh one in its place before the next submission. A
 //! read that finds the ring empty (a burst larger than the ring between two reaps) completes
 //! with `ENOBUFS`, which the loop answers by pushing it again: backpressure, never an error a
-//! connection sees.
+//! connection sees. `Sqe::RecvMulti` is the same read made multishot
+//! (`IORING_OP_READ_MULTISHOT`): it stays in flight, with no table slot either, until a
+//! completion without `IORING_CQE_F_MORE` ends it.
 #![expect(
     unsafe_code,
     reason = "io_uring: the kernel reads and writes buffers through raw pointers in submission \
@@ -88,8 +90,12 @@ pub(crate) struct Uring {
     backlog: VecDeque<squeue::Entry>,
     /// The buffers pooled reads pick from.
     bufs: BufRing,
-    /// Pooled reads and polls in flight (they have no table slot).
+    /// Pooled reads (single and multishot) and polls in flight (they have no table slot).
     slotless: usize,
+    /// `Sqe::RecvMulti` runs as a multishot read (`IORING_OP_READ_MULTISHOT`, Linux 6.7),
+    /// which stays armed across reads; false where the kernel lacks it or it was turned off
+    /// ([`Uring::single_shot`]), and then each runs as one pooled read.
+    multishot: bool,
     /// Not `Send`: with `SINGLE_ISSUER` only the thread that created the ring may enter it.
     _thread: PhantomData<*const ()>,
 }
@@ -114,6 +120,9 @@ impl Uring {
             ));
         }
         let bufs = BufRing::register(&ring, bufs)?;
+        let mut probe = io_uring::Probe::new();
+        let multishot = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::ReadMulti::CODE);
         Ok(Self {
             ring,
             setup,
@@ -121,8 +130,16 @@ impl Uring {
             backlog: VecDeque::new(),
             bufs,
             slotless: 0,
+            multishot,
             _thread: PhantomData,
         })
+    }
+
+    /// Runs every `Sqe::RecvMulti` as one pooled read, as on kernels without multishot reads
+    /// (for comparisons, and to keep that path tested).
+    pub(crate) fn single_shot(mut self) -> Self {
+        self.multishot = false;
+        self
     }
 
     /// The setup flags the kernel accepted, for the start log line.
@@ -199,14 +216,18 @@ impl Uring {
                 }
                 continue;
             }
-            // A pooled read or a poll: only a read that read bytes comes with a buffer.
-            *slotless -= 1;
+            // A pooled read or a poll: only a read that read bytes comes with a buffer. A
+            // multishot read stays in flight while its completions say `more`.
+            let more = cqueue::more(cqe.flags());
+            if !more {
+                *slotless -= 1;
+            }
             let mut done = Cqe {
                 user_data: key & !SLOTLESS,
                 result,
                 buf: None,
                 accepted: None,
-                more: false,
+                more,
             };
             if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
                 let buf = bufs.take(bid, usize::try_from(result).unwrap_or(0));
@@ -241,6 +262,20 @@ impl Backend for Uring {
                     .user_data(user_data | SLOTLESS);
                 self.slotless += 1;
                 return self.queue(entry);
+            }
+            Sqe::RecvMulti { fd } if self.multishot => {
+                debug_assert_eq!(user_data & SLOTLESS, 0, "a multishot read's user data");
+                // A read, not a recv, for the smaller kernel state, as for `Op::Recv`. Length
+                // 0: each read fills at most one ring buffer.
+                let entry = opcode::ReadMulti::new(types::Fd(fd), 0, BGID)
+                    .build()
+                    .user_data(user_data | SLOTLESS);
+                self.slotless += 1;
+                return self.queue(entry);
+            }
+            Sqe::RecvMulti { fd } => {
+                let len = op_len(POOL_BUF);
+                return self.push(user_data, Sqe::RecvPooled { fd, len });
             }
             Sqe::PollIn { fd } => {
                 debug_assert_eq!(user_data & SLOTLESS, 0, "a poll's user data");
@@ -315,6 +350,10 @@ impl Backend for Uring {
 
     fn recycle(&mut self, buf: Vec<u8>) {
         self.bufs.pool.put(buf);
+    }
+
+    fn multishot(&self) -> bool {
+        self.multishot
     }
 }
 
@@ -907,6 +946,111 @@ mod tests {
         let starved = conformance::a_burst_of_pooled_reads_all_complete(&mut ring, 9);
         assert!(starved > 0, "no read found the ring empty");
         assert_eq!((ring.slab.in_flight(), ring.slotless), (0, 0));
+    }
+
+    #[test]
+    fn a_multishot_read_completes_once_per_read_until_cancelled() {
+        let mut ring = Uring::new(8).unwrap();
+        assert!(ring.multishot(), "this kernel has READ_MULTISHOT (6.7)");
+        let (mut peer, ours) = pair();
+        ring.push(
+            4,
+            Sqe::RecvMulti {
+                fd: ours.as_raw_fd(),
+            },
+        );
+        quiet(&mut ring, Duration::from_millis(20));
+        for word in [&b"one"[..], b"two", b"three"] {
+            peer.write_all(word).unwrap();
+            let cqe = one(&mut ring);
+            assert_eq!((cqe.user_data, cqe.more), (4, true));
+            assert_eq!(cqe.buf.as_deref(), Some(word));
+            ring.recycle(cqe.buf.unwrap());
+        }
+        assert_eq!(ring.slotless, 1, "still armed");
+        conformance::cancel(&mut ring, 4, true);
+        let cqe = one(&mut ring);
+        assert_eq!((cqe.result, cqe.more), (-libc::ECANCELED, false));
+        assert!(cqe.buf.is_none());
+        assert_eq!((ring.slab.in_flight(), ring.slotless), (0, 0));
+    }
+
+    #[test]
+    fn a_multishot_read_ends_with_the_stream() {
+        let mut ring = Uring::new(8).unwrap();
+        let (mut peer, ours) = pair();
+        ring.push(
+            4,
+            Sqe::RecvMulti {
+                fd: ours.as_raw_fd(),
+            },
+        );
+        peer.write_all(b"last").unwrap();
+        drop(peer);
+        let done = collect_until_final(&mut ring);
+        let bytes: Vec<u8> = done
+            .iter()
+            .flat_map(|c| c.buf.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(bytes, b"last");
+        let last = done.last().unwrap();
+        assert_eq!((last.result, last.more), (0, false));
+        assert_eq!(ring.slotless, 0);
+    }
+
+    #[test]
+    fn a_multishot_read_ends_when_the_ring_runs_out_of_buffers() {
+        // Two ring buffers and three sockets with bytes at once: one read finds none, and its
+        // multishot read ends there; the others go on.
+        let mut ring = Uring::with_bufs(8, 2).unwrap();
+        let pairs: Vec<(TcpStream, OwnedFd)> = (0..3).map(|_| pair()).collect();
+        for (i, (_, ours)) in pairs.iter().enumerate() {
+            ring.push(
+                i as u64,
+                Sqe::RecvMulti {
+                    fd: ours.as_raw_fd(),
+                },
+            );
+        }
+        quiet(&mut ring, Duration::from_millis(20));
+        for (peer, _) in &pairs {
+            (&*peer).write_all(b"x").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let done = collect(&mut ring, 3);
+        let starved: Vec<&Cqe> = done.iter().filter(|c| !c.more).collect();
+        assert_eq!(starved.len(), 1, "{done:?}");
+        assert_eq!(starved[0].result, -libc::ENOBUFS);
+        assert_eq!(ring.slotless, 2);
+    }
+
+    #[test]
+    fn single_shot_runs_a_multishot_read_as_one_read() {
+        let mut ring = Uring::new(8).unwrap().single_shot();
+        let (mut peer, ours) = pair();
+        ring.push(
+            4,
+            Sqe::RecvMulti {
+                fd: ours.as_raw_fd(),
+            },
+        );
+        peer.write_all(b"once").unwrap();
+        let cqe = one(&mut ring);
+        assert_eq!((cqe.result, cqe.more), (4, false));
+        assert_eq!(cqe.buf.as_deref(), Some(&b"once"[..]));
+        assert_eq!(ring.slotless, 0);
+    }
+
+    /// Completions until one without `more`.
+    fn collect_until_final(ring: &mut Uring) -> Vec<Cqe> {
+        let mut out = Vec::new();
+        let start = Instant::now();
+        while out.last().is_none_or(|c: &Cqe| c.more) {
+            assert!(start.elapsed() < Duration::from_secs(5), "{out:?}");
+            ring.wait(Some(Duration::from_millis(100)), &mut out)
+                .unwrap();
+        }
+        out
     }
 
     #[test]
