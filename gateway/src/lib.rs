@@ -155,6 +155,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
         .collect();
     let drain_timeout = config.server.drain_timeout;
     let read_buffers = config.server.read_buffers;
+    let read_cap = config.global_limits.write_buffer;
     let park_reads_after = config.server.park_reads_after;
     let reserve = per_core_reserve(config.global_limits.max_connections, cores);
     let admin_addr = config.server.admin;
@@ -194,7 +195,7 @@ fn run(args: &Args, config: Config) -> Result<(), String> {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                serve_core(backend, read_buffers, args, &setup_tx);
+                serve_core(backend, (read_buffers, read_cap), args, &setup_tx);
             })
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
         workers.push(worker);
@@ -292,18 +293,20 @@ fn choose_backend(mut setting: driver::IoBackend) -> Result<Chosen, String> {
     }
 }
 
-/// Runs one core's loop on the chosen backend; reports the backend's setup (or why it could
-/// not be set up) on `setup` before serving.
+/// Runs one core's loop on the chosen backend, with `(server.read_buffers,
+/// limits.write_buffer)` (the most bytes one read takes); reports the backend's setup (or why
+/// it could not be set up) on `setup` before serving.
 fn serve_core(
     backend: Chosen,
-    read_buffers: u16,
+    (read_buffers, read_cap): (u16, usize),
     args: driver::event_loop::LoopArgs,
     setup: &std::sync::mpsc::Sender<Result<(&'static str, &'static str, &'static str), String>>,
 ) {
     use driver::Backend as _;
     use driver::event_loop::EventLoop;
+    let ring = || driver::uring::Uring::with_read_cap(RING_ENTRIES, read_buffers, read_cap);
     match backend {
-        Chosen::Uring => match driver::uring::Uring::with_bufs(RING_ENTRIES, read_buffers) {
+        Chosen::Uring => match ring() {
             Ok(ring) => {
                 let single = std::env::var(URING_READS_ENV).is_ok_and(|v| v == "single");
                 let ring = if single { ring.single_shot() } else { ring };

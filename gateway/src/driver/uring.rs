@@ -112,6 +112,14 @@ impl Uring {
     /// [`POOL_BUF`] bytes in its provided-buffer ring, and as many kept free to refill it.
     /// Each is address space, resident only where reads touched it.
     pub(crate) fn with_bufs(entries: u32, bufs: u16) -> io::Result<Self> {
+        Self::with_read_cap(entries, bufs, POOL_BUF)
+    }
+
+    /// Sets up a ring as [`Uring::with_bufs`] does, whose pooled reads take at most `cap`
+    /// bytes (at least 1, at most [`POOL_BUF`]): a multishot read cannot be told a length per
+    /// read, so the ring's buffers say it (`limits.write_buffer`, the most the relay reads at
+    /// once).
+    pub(crate) fn with_read_cap(entries: u32, bufs: u16, cap: usize) -> io::Result<Self> {
         let (ring, setup) = build(entries)?;
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::new(
@@ -119,7 +127,7 @@ impl Uring {
                 "io_uring without IORING_FEAT_EXT_ARG (kernel before 5.11): no timed wait",
             ));
         }
-        let bufs = BufRing::register(&ring, bufs)?;
+        let bufs = BufRing::register(&ring, bufs, op_len(cap.clamp(1, POOL_BUF)))?;
         let mut probe = io_uring::Probe::new();
         let multishot = ring.submitter().register_probe(&mut probe).is_ok()
             && probe.is_supported(opcode::ReadMulti::CODE);
@@ -396,6 +404,8 @@ struct BufRing {
     entries: NonNull<types::BufRingEntry>,
     /// Index mask: entries are a power of two.
     mask: u16,
+    /// The most bytes a read puts in a buffer (the length each entry gives the kernel).
+    cap: u32,
     /// The tail as written so far; [`BufRing::publish`] hands it to the kernel.
     tail: u16,
     /// The buffer each id names while the ring lends it (empty while handed out).
@@ -415,7 +425,7 @@ impl BufRing {
 
     /// Allocates `count` (a power of two) entries, fills each with a buffer and registers
     /// them as group [`BGID`] of `ring`.
-    fn register(ring: &IoUring, count: u16) -> io::Result<Self> {
+    fn register(ring: &IoUring, count: u16, cap: u32) -> io::Result<Self> {
         assert!(
             count.is_power_of_two(),
             "a buffer ring holds a power of two"
@@ -434,6 +444,7 @@ impl BufRing {
         let mut bufs = Self {
             entries,
             mask: count - 1,
+            cap,
             tail: 0,
             lent: (0..count).map(|_| Vec::new()).collect(),
             pool: BufPool::new(usize::from(count)),
@@ -468,7 +479,7 @@ impl BufRing {
         // reserved field (the tail, in entry 0) alone.
         let entry = unsafe { &mut *self.entries.as_ptr().add(at) };
         entry.set_addr(buf.as_mut_ptr() as u64);
-        entry.set_len(op_len(buf.capacity()));
+        entry.set_len(self.cap.min(op_len(buf.capacity())));
         entry.set_bid(bid);
         self.lent[usize::from(bid)] = buf;
         self.tail = self.tail.wrapping_add(1);
@@ -1022,6 +1033,35 @@ mod tests {
         assert_eq!(starved.len(), 1, "{done:?}");
         assert_eq!(starved[0].result, -libc::ENOBUFS);
         assert_eq!(ring.slotless, 2);
+    }
+
+    #[test]
+    fn a_capped_ring_reads_at_most_its_cap() {
+        let mut ring = Uring::with_read_cap(8, 4, 5).unwrap();
+        let (mut peer, ours) = pair();
+        peer.write_all(b"0123456789ab").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        ring.push(
+            4,
+            Sqe::RecvMulti {
+                fd: ours.as_raw_fd(),
+            },
+        );
+        let mut got = Vec::new();
+        let start = Instant::now();
+        while got.len() < 12 {
+            assert!(start.elapsed() < Duration::from_secs(5), "{got:?}");
+            let mut out = Vec::new();
+            ring.wait(Some(Duration::from_millis(100)), &mut out)
+                .unwrap();
+            for cqe in out {
+                let buf = cqe.buf.unwrap();
+                assert!(buf.len() <= 5, "{} bytes", buf.len());
+                got.extend_from_slice(&buf);
+                ring.recycle(buf);
+            }
+        }
+        assert_eq!(got, b"0123456789ab");
     }
 
     #[test]
