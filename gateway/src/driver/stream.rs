@@ -155,6 +155,15 @@ impl Stream {
         Act::Arm
     }
 
+    /// Arms the read again if the machine reads; else its next read will.
+    fn arm_if_reading(&mut self) -> Act {
+        if self.reading() {
+            self.arm()
+        } else {
+            Act::Drop
+        }
+    }
+
     /// Hands a completion that ends things to the machine if it reads, else keeps it for its
     /// next read; drops it if the machine gave its read up.
     fn deliver_or_stash(&mut self) -> Act {
@@ -184,30 +193,20 @@ impl Stream {
                 if result > 0 || (result == -libc::ECANCELED && stopping) {
                     // Bytes are there (or the poll was stopped): read them if the machine
                     // reads, else its next read arms the read.
-                    if self.reading() {
-                        self.arm()
-                    } else {
-                        Act::Drop
-                    }
+                    self.arm_if_reading()
                 } else {
                     self.deliver_or_stash()
                 }
             }
             Kernel::Read if more => {
                 self.flags &= !AGED;
-                if self.has(ABANDONED) {
-                    Act::Drop
-                } else if self.reading() {
-                    self.flags &= !WANT;
-                    Act::Deliver
-                } else {
-                    self.flags |= STASHED;
-                    if self.flags & (STOPPING | PARKING) == 0 {
+                match self.deliver_or_stash() {
+                    // The machine is not reading: the first bytes it leaves stop the read.
+                    Act::Stash if self.flags & (STOPPING | PARKING) == 0 => {
                         self.flags |= STOPPING;
                         Act::StashAndCancel
-                    } else {
-                        Act::Stash
                     }
+                    act => act,
                 }
             }
             Kernel::Read => {
@@ -221,11 +220,7 @@ impl Stream {
                 } else if (stopped && (stopping || parking)) || result == -libc::ENOBUFS {
                     // Paused, ended, or out of buffers (which the backend refills before its
                     // next submission): armed again if the machine reads.
-                    if self.reading() {
-                        self.arm()
-                    } else {
-                        Act::Drop
-                    }
+                    self.arm_if_reading()
                 } else {
                     // Bytes as the read ended, the end of the stream, or an error.
                     self.deliver_or_stash()
