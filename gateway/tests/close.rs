@@ -237,3 +237,43 @@ async fn connections_never_wake_io_uring_worker_threads() {
         assert!(workers.is_empty(), "io_uring worker threads: {workers:?}");
     }
 }
+
+/// Once its connections have closed, the gateway sleeps: the teardowns they left (the FINs to
+/// peers that ended first, the closes, the cancels of reads left armed) wait for the loop to be
+/// idle or for their deadline, and neither may turn into a loop that never waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_connections_leave_the_loop_asleep() {
+    let backend = EchoBackend::start().await;
+    let relay = Gateway::start(&["--backend", &backend.url()]);
+    let echo = Gateway::start(&[]);
+    for gw in [&relay, &echo] {
+        for i in 0..20 {
+            let mut client = connect(&gw.url("/")).await;
+            send(&mut client, Message::text("x")).await;
+            assert_eq!(recv_data(&mut client).await, Message::text("x"));
+            if i % 2 == 0 {
+                within("client close", client.close(Some(close_frame(1000, "bye"))))
+                    .await
+                    .expect("send close");
+                assert_eq!(
+                    expect_close(&mut client).await.map(|(code, _)| code),
+                    Some(1000)
+                );
+                drain_to_end(&mut client).await;
+            } else {
+                drop(client);
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = [relay.cpu_time(), echo.cpu_time()];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (gw, before) in [&relay, &echo].into_iter().zip(before) {
+        let spent = gw.cpu_time().saturating_sub(before);
+        // A loop that never waits spends the whole second; an idle one, nothing.
+        assert!(
+            spent < Duration::from_millis(300),
+            "{spent:?} of CPU in 1 s idle"
+        );
+    }
+}

@@ -58,8 +58,8 @@ const ACCEPT: u8 = 2;
 /// After an accept fails (the descriptor limit), how long before accepting again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
-/// The longest a finished socket's teardown waits for the loop's next turn (see
-/// [`EventLoop::tear_down`]); a busy loop turns sooner.
+/// The longest a finished socket's teardown waits for the loop to be idle (see
+/// [`EventLoop::tear_down`]); an idle loop does it sooner.
 const TEARDOWN_DELAY: Duration = Duration::from_millis(1);
 
 fn user_data(slot: u32, generation: u32, op: u8) -> u64 {
@@ -305,6 +305,14 @@ pub(crate) struct EventLoop<B: Backend> {
     shut_later: Vec<(u32, u32)>,
     /// Sockets of freed slots, closed at the next turn.
     closing: Vec<OwnedFd>,
+    /// Reads (slot, generation, side) that ended machines left armed, cancelled with the
+    /// teardowns: cancelled in the turn that ended the machine, the cancel would complete at
+    /// once and cut short the wait that lets a peer on the same CPU read that turn's last
+    /// write.
+    cancel_later: Vec<(u32, u32, Side)>,
+    /// When the teardowns waiting ([`EventLoop::tear_down`]) are done even if the loop is
+    /// never idle: [`TEARDOWN_DELAY`] after the first of them.
+    teardown_at: Option<Instant>,
     now: Instant,
 }
 
@@ -352,6 +360,8 @@ impl<B: Backend> EventLoop<B> {
             serve: Vec::new(),
             shut_later: Vec::new(),
             closing: Vec::new(),
+            cancel_later: Vec::new(),
+            teardown_at: None,
             now,
         }
     }
@@ -370,13 +380,25 @@ impl<B: Backend> EventLoop<B> {
                 std::thread::sleep(ACCEPT_RETRY);
             }
             self.now = Instant::now();
-            self.tear_down();
+            // Idle: the wait found nothing to do (it timed out), so no peer on this CPU is
+            // waiting for this loop to yield.
+            let idle = cqes.is_empty() && self.synthetic.is_empty() && self.serve.is_empty();
+            if idle || self.teardown_at.is_some_and(|at| self.now >= at) {
+                self.tear_down();
+            }
             cqes.append(&mut self.synthetic);
             for cqe in cqes.drain(..) {
                 self.complete(cqe);
             }
             self.serve_reads();
             self.fire_timers();
+            if self.teardown_at.is_none()
+                && !(self.shut_later.is_empty()
+                    && self.closing.is_empty()
+                    && self.cancel_later.is_empty())
+            {
+                self.teardown_at = Some(self.now + TEARDOWN_DELAY);
+            }
             if let Some(deadline) = self.drain_deadline {
                 let timed_out = self.now >= deadline;
                 if self.live == 0 || timed_out {
@@ -388,8 +410,8 @@ impl<B: Backend> EventLoop<B> {
         }
     }
 
-    /// How long the next wait may last: until the earliest deadline, and no longer than
-    /// [`TEARDOWN_DELAY`] while a teardown waits.
+    /// How long the next wait may last: until the earliest deadline, the teardowns' among
+    /// them.
     fn next_timeout(&self) -> Option<Duration> {
         if !self.synthetic.is_empty() || !self.serve.is_empty() {
             return Some(Duration::ZERO);
@@ -398,14 +420,12 @@ impl<B: Backend> EventLoop<B> {
             .timers
             .peek()
             .map(|Reverse((at, ..))| at.instant(self.epoch));
-        let teardown = (!self.shut_later.is_empty() || !self.closing.is_empty())
-            .then(|| self.now + TEARDOWN_DELAY);
         [
             timer,
             self.accept_retry,
             self.drain_deadline,
             self.next_sweep,
-            teardown,
+            self.teardown_at,
         ]
         .into_iter()
         .flatten()
@@ -413,17 +433,23 @@ impl<B: Backend> EventLoop<B> {
         .map(|at| at.saturating_duration_since(Instant::now()))
     }
 
-    /// Finishes the teardowns the last turn left for this one: the shutdowns of sockets whose
-    /// peer had ended its stream, and the closes of freed slots' sockets.
+    /// Finishes the teardowns earlier turns left, once a wait found the loop idle or
+    /// [`TEARDOWN_DELAY`] after the first: the shutdowns of sockets whose peer had ended its
+    /// stream, the closes of freed slots' sockets, and the cancels of reads ended machines
+    /// left armed.
     ///
-    /// Neither is owed to anyone waiting: such a peer sent its FIN and only waits for ours
-    /// to leave (its `TIME_WAIT`), and the loop never closes a socket the other peer still
-    /// waits on (that socket's shutdown went at once). Sending that FIN, on loopback, runs
-    /// the peer's side of the TCP teardown in the sender's time (about 14 µs, measured), and
-    /// each close about 4 µs more. Done before the wait, all of it would run before a client on
-    /// the same CPU could read the close reply written in the same turn; after it, the client
-    /// reads first.
+    /// None is owed to anyone waiting: such a peer sent its FIN and only waits for ours
+    /// to leave (its `TIME_WAIT`), the loop never closes a socket the other peer still
+    /// waits on (that socket's shutdown went at once), and an abandoned read ends by itself
+    /// with its peer's FIN. Sending that FIN, on loopback, runs the peer's side of the TCP
+    /// teardown in the sender's time (about 14 µs, measured), each close about 4 µs more, and
+    /// a cancel completes at once and so turns the loop again without a wait. Done in the
+    /// turn that wrote a close reply, or in the next one when its wait returned at once (with
+    /// the completion of a write made in that turn), all of it would run before a client on
+    /// the same CPU could read the reply; once a wait has found nothing to do, the client has
+    /// read it.
     fn tear_down(&mut self) {
+        self.teardown_at = None;
         for (index, generation) in self.shut_later.drain(..) {
             let slot = &mut self.slots[index as usize];
             if slot.generation != generation {
@@ -437,6 +463,18 @@ impl<B: Backend> EventLoop<B> {
         }
         for fd in self.closing.drain(..) {
             self.backend.close(fd);
+        }
+        for (index, generation, side) in self.cancel_later.drain(..) {
+            let slot = &self.slots[index as usize];
+            // Not if the read ended meanwhile (and the slot was freed, or taken again).
+            if slot.generation == generation && slot.streams[side_ix(side)].in_kernel() {
+                let target = user_data(index, generation, op_bit(side, OpKind::Recv));
+                let cancel = Sqe::Cancel {
+                    target,
+                    slotless: true,
+                };
+                self.backend.push(u64::MAX, cancel);
+            }
         }
     }
 
@@ -697,19 +735,14 @@ impl<B: Backend> EventLoop<B> {
     fn settle(&mut self, index: u32, next: Option<Conn>) {
         let slot = &mut self.slots[index as usize];
         if next.is_none() {
-            // A multishot read outlives the machine's last read: stop it, and free the slot
-            // once it has ended.
+            // A multishot read outlives the machine's last read: stop it (at the next turn,
+            // see `cancel_later`), and free the slot once it has ended.
             for side in [Side::Client, Side::Backend] {
                 let stream = &mut slot.streams[side_ix(side)];
                 if stream.in_kernel() && !stream.wants() {
                     let (_, cancel) = stream.abandon();
                     if cancel {
-                        let target = user_data(index, slot.generation, op_bit(side, OpKind::Recv));
-                        let cancel = Sqe::Cancel {
-                            target,
-                            slotless: true,
-                        };
-                        self.backend.push(u64::MAX, cancel);
+                        self.cancel_later.push((index, slot.generation, side));
                     }
                 }
             }

@@ -225,6 +225,20 @@ impl Gateway {
             .collect()
     }
 
+    /// The gateway process's user+system CPU time so far (`/proc/PID/stat`).
+    #[must_use]
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("stat");
+        // Fields after the parenthesised name: state is the 1st, utime the 12th, stime the 13th.
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = after.split(' ').collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // USER_HZ, the unit of these fields, is 100 on Linux.
+        Duration::from_millis(ticks * 10)
+    }
+
     /// Sends the gateway process a signal (`TERM`, `INT`, `HUP`, `USR2`).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
