@@ -120,9 +120,10 @@ fn render(dir: &Path, samples: &[Sample], charts: &[Chart], link_prefix: &str) -
         "# Benchmark: gateway vs nginx vs HAProxy vs floor vs direct ({name})\n\n\
          Written by `scripts/bench` and `benchreport`; do not edit by hand. Every loadgen JSON, \
          config, command line and version is in `{name}/`. Each figure is the median over the \
-         rounds; `÷ nginx` is the figure divided by nginx's, `÷ floor` by the floor's: `floor` \
-         is a bare epoll byte forwarder (one recv and one send per message, nothing parsed), \
-         the least any proxy pays here.\n"
+         rounds, and a figure added over direct the median of its differences to direct's in \
+         the same round; `÷ nginx` is the figure divided by nginx's, `÷ floor` by the \
+         floor's: `floor` is a bare epoll byte forwarder (one recv and one send per message, \
+         nothing parsed), the least any proxy pays here.\n"
     );
     for scenario in scenarios() {
         if let Some(table) = report::scenario_table(samples, &scenario) {

@@ -437,8 +437,9 @@ pub(crate) fn format_ratio(value: Option<f64>, reference: Option<f64>) -> String
     }
 }
 
-/// Figures shown as the time a proxy adds over `direct` (median minus direct's median), by
-/// scenario: the round trips, where much of the absolute time is not the proxy's.
+/// Figures shown as what a proxy adds over `direct` (the median over rounds of the target's
+/// figure minus direct's in the same round), by scenario: the round trips, where much of the
+/// absolute time is not the proxy's.
 fn added_over_direct(scenario: &str) -> Option<Figure> {
     match scenario {
         "close" | "close-1cpu" => Some(Figure {
@@ -460,7 +461,7 @@ fn added_over_direct(scenario: &str) -> Option<Figure> {
     }
 }
 
-/// Median of a figure for `target`, or with `minus_direct` its excess over direct's median.
+/// Median of a figure for `target`, or with `minus_direct` of its excess over direct's.
 fn cell(
     samples: &[Sample],
     scenario: &str,
@@ -468,12 +469,36 @@ fn cell(
     f: &Figure,
     minus_direct: bool,
 ) -> Option<f64> {
-    let v = median_of(samples, scenario, target, f.extract)?;
     if minus_direct {
-        Some(v - median_of(samples, scenario, "direct", f.extract)?)
+        paired_excess(samples, scenario, target, f.extract)
     } else {
-        Some(v)
+        median_of(samples, scenario, target, f.extract)
     }
+}
+
+/// Median over rounds of `target`'s figure minus direct's in the same round. The machine
+/// drifts by more than a proxy adds over minutes (direct's own close reply ranged from 33 to
+/// 116 µs within one session), and a round runs its targets within seconds of each other, so
+/// pairs cancel most of the drift that a difference of two medians keeps.
+pub(crate) fn paired_excess(
+    samples: &[Sample],
+    scenario: &str,
+    target: &str,
+    extract: Extract,
+) -> Option<f64> {
+    let of = |t: &str, round: u32| {
+        samples
+            .iter()
+            .filter(|s| s.entry.scenario == scenario && s.entry.target == t)
+            .filter(|s| s.entry.round == round)
+            .find_map(extract)
+    };
+    let mut values: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.entry.scenario == scenario && s.entry.target == target)
+        .filter_map(|s| Some(extract(s)? - of("direct", s.entry.round)?))
+        .collect();
+    median(&mut values)
 }
 
 /// Markdown table of one scenario: rows = targets with runs in it, columns = its figures
@@ -663,6 +688,44 @@ pub(crate) mod tests {
             "| gateway | 56,000 | 1.04x | 6 | 0.37x | 56 | 1.04x | 900 | 1.00x | 1,120 | 1.04x | 0 |"
         );
         assert!(scenario_table(&samples, &scenarios()[4]).is_none());
+    }
+
+    #[test]
+    fn added_over_direct_pairs_each_round_with_its_own_direct() {
+        let close = |target: &str, round: u32, p50: u32| {
+            let json = format!(
+                r#"{{"summary": {{"connections_opened": 10, "messages": 0, "messages_per_s": 0,
+                    "handshakes_per_s": 0, "errors_total": 0}},
+                   "histograms": {{"close_reply": {{"count": 10, "percentiles": [
+                       {{"percentile": 50.0, "value_us": {p50}}}]}}}}}}"#
+            );
+            let mut s = sample(target, round, 0.0, None);
+            s.entry.scenario = "close".to_owned();
+            s.run = Some(LoadgenRun::parse(&json).unwrap());
+            s
+        };
+        // The machine slows down over three rounds; the gateway adds 10, 12 and 14 µs.
+        let samples = vec![
+            close("direct", 1, 30),
+            close("gateway", 1, 40),
+            close("direct", 2, 90),
+            close("gateway", 2, 102),
+            close("direct", 3, 100),
+            close("gateway", 3, 114),
+        ];
+        let p50 = |s: &Sample| pct(s, "close_reply", 50.0);
+        assert_eq!(paired_excess(&samples, "close", "gateway", p50), Some(12.0));
+        // The difference of the medians would say 12 too here, but not once a round is lost:
+        let partial: Vec<Sample> = samples
+            .into_iter()
+            .filter(|s| !(s.entry.target == "gateway" && s.entry.round == 2))
+            .collect();
+        assert_eq!(paired_excess(&partial, "close", "gateway", p50), Some(12.0));
+        let unpaired = median_of(&partial, "close", "gateway", p50).unwrap()
+            - median_of(&partial, "close", "direct", p50).unwrap();
+        assert!((unpaired - 12.0).abs() > 20.0, "{unpaired}");
+        // A round without direct gives no pair.
+        assert_eq!(paired_excess(&partial[1..2], "close", "gateway", p50), None);
     }
 
     #[test]
