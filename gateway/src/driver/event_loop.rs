@@ -96,7 +96,7 @@ fn side_ix(side: Side) -> usize {
 /// [`Slot::teardown`]: a read of the side's socket returned end of stream (the peer's FIN,
 /// or our own shutdown).
 const PEER_DONE: u8 = 1;
-/// [`Slot::teardown`]: the side's shutdown waits for the loop's next turn.
+/// [`Slot::teardown`]: the side's shutdown waits for the teardowns ([`EventLoop::tear_down`]).
 const SHUT_LATER: u8 = 1 << 2;
 /// [`Slot::teardown`]: the side's last write was sent with `MSG_MORE`, so its bytes wait for
 /// the shutdown that follows: that one never waits.
@@ -301,9 +301,9 @@ pub(crate) struct EventLoop<B: Backend> {
     held: HashMap<u64, Vec<u8>>,
     /// Reads (user data) served from the stash, or cancelled, at the next turn.
     serve: Vec<u64>,
-    /// Slots (index, generation) with a shutdown waiting for the next turn.
+    /// Slots (index, generation) with a shutdown waiting for the teardowns.
     shut_later: Vec<(u32, u32)>,
-    /// Sockets of freed slots, closed at the next turn.
+    /// Sockets of freed slots, closed with the teardowns.
     closing: Vec<OwnedFd>,
     /// Reads (slot, generation, side) that ended machines left armed, cancelled with the
     /// teardowns: cancelled in the turn that ended the machine, the cancel would complete at
@@ -735,7 +735,7 @@ impl<B: Backend> EventLoop<B> {
     fn settle(&mut self, index: u32, next: Option<Conn>) {
         let slot = &mut self.slots[index as usize];
         if next.is_none() {
-            // A multishot read outlives the machine's last read: stop it (at the next turn,
+            // A multishot read outlives the machine's last read: stop it (with the teardowns,
             // see `cancel_later`), and free the slot once it has ended.
             for side in [Side::Client, Side::Backend] {
                 let stream = &mut slot.streams[side_ix(side)];
