@@ -198,6 +198,27 @@ async fn backend_bad_opcode_gives_1014() {
     backend_violation_gives_1014(&[0x83, 0x01, b'x']).await;
 }
 
+/// One connection through `gw` that has message `i` echoed, then leaves: with a close
+/// handshake (answered with 1000, then the gateway's FIN) if `close`, else gone without one.
+async fn echo_then_leave(gw: &Gateway, i: usize, close: bool) {
+    let mut client = connect(&gw.url("/")).await;
+    let text = format!("message {i}");
+    send(&mut client, Message::text(text.clone())).await;
+    assert_eq!(recv_data(&mut client).await, Message::text(text));
+    if !close {
+        drop(client);
+        return;
+    }
+    within("client close", client.close(Some(close_frame(1000, "bye"))))
+        .await
+        .expect("send close");
+    assert_eq!(
+        expect_close(&mut client).await.map(|(code, _)| code),
+        Some(1000)
+    );
+    drain_to_end(&mut client).await;
+}
+
 /// The data plane never hands work to io_uring's worker threads (`iou-wrk-*`): each of its
 /// operations completes inline or when its socket is ready. One that does not (a linked
 /// `IORING_OP_SHUTDOWN` does not, measured: a worker hand-off and 3% more proxy CPU per
@@ -210,23 +231,7 @@ async fn connections_never_wake_io_uring_worker_threads() {
     let echo = Gateway::start(&[]);
     for gw in [&relay, &echo] {
         for i in 0..10 {
-            let mut client = connect(&gw.url("/")).await;
-            let text = format!("message {i}");
-            send(&mut client, Message::text(text.clone())).await;
-            assert_eq!(recv_data(&mut client).await, Message::text(text));
-            if i % 3 == 2 {
-                // Gone without a close.
-                drop(client);
-                continue;
-            }
-            within("client close", client.close(Some(close_frame(1000, "bye"))))
-                .await
-                .expect("send close");
-            assert_eq!(
-                expect_close(&mut client).await.map(|(code, _)| code),
-                Some(1000)
-            );
-            drain_to_end(&mut client).await;
+            echo_then_leave(gw, i, i % 3 != 2).await;
         }
         // Workers linger for seconds once started: any started by now are still there.
         let workers: Vec<String> = gw
@@ -248,21 +253,7 @@ async fn closed_connections_leave_the_loop_asleep() {
     let echo = Gateway::start(&[]);
     for gw in [&relay, &echo] {
         for i in 0..20 {
-            let mut client = connect(&gw.url("/")).await;
-            send(&mut client, Message::text("x")).await;
-            assert_eq!(recv_data(&mut client).await, Message::text("x"));
-            if i % 2 == 0 {
-                within("client close", client.close(Some(close_frame(1000, "bye"))))
-                    .await
-                    .expect("send close");
-                assert_eq!(
-                    expect_close(&mut client).await.map(|(code, _)| code),
-                    Some(1000)
-                );
-                drain_to_end(&mut client).await;
-            } else {
-                drop(client);
-            }
+            echo_then_leave(gw, i, i % 2 == 0).await;
         }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
