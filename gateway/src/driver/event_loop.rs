@@ -62,6 +62,18 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 /// [`EventLoop::tear_down`]); an idle loop does it sooner.
 const TEARDOWN_DELAY: Duration = Duration::from_millis(1);
 
+/// Asks `backend` to cancel the pooled read, multishot read or poll under `target` (which
+/// then completes under its own user data).
+fn cancel_pooled<B: Backend>(backend: &mut B, target: u64) {
+    backend.push(
+        u64::MAX,
+        Sqe::Cancel {
+            target,
+            slotless: true,
+        },
+    );
+}
+
 fn user_data(slot: u32, generation: u32, op: u8) -> u64 {
     (u64::from(slot) << 32) | (u64::from(generation & GEN_MASK) << 8) | u64::from(op)
 }
@@ -469,11 +481,7 @@ impl<B: Backend> EventLoop<B> {
             // Not if the read ended meanwhile (and the slot was freed, or taken again).
             if slot.generation == generation && slot.streams[side_ix(side)].in_kernel() {
                 let target = user_data(index, generation, op_bit(side, OpKind::Recv));
-                let cancel = Sqe::Cancel {
-                    target,
-                    slotless: true,
-                };
-                self.backend.push(u64::MAX, cancel);
+                cancel_pooled(&mut self.backend, target);
             }
         }
     }
@@ -634,11 +642,7 @@ impl<B: Backend> EventLoop<B> {
                 self.stash.entry(target).or_default().push_back(cqe);
                 if act == Act::StashAndCancel {
                     // The machine is not reading: stop the bytes until it does.
-                    let cancel = Sqe::Cancel {
-                        target,
-                        slotless: true,
-                    };
-                    self.backend.push(u64::MAX, cancel);
+                    cancel_pooled(&mut self.backend, target);
                 }
             }
             Act::Drop | Act::Wait | Act::Serve => {
@@ -850,11 +854,7 @@ impl<B: Backend> EventLoop<B> {
                 };
                 if park {
                     let target = user_data(index as u32, slot.generation, op);
-                    let cancel = Sqe::Cancel {
-                        target,
-                        slotless: true,
-                    };
-                    self.backend.push(u64::MAX, cancel);
+                    cancel_pooled(&mut self.backend, target);
                 }
             }
         }
@@ -1082,11 +1082,7 @@ impl<B: Backend> Io for SlotIo<'_, B> {
             let (_, cancel) = stream.abandon();
             let target = user_data(self.index, self.slot.generation, op);
             if cancel {
-                let cancel = Sqe::Cancel {
-                    target,
-                    slotless: true,
-                };
-                self.backend.push(u64::MAX, cancel);
+                cancel_pooled(self.backend, target);
             }
             self.serve.push(target);
             return;
