@@ -148,12 +148,15 @@ impl Gateway {
                     Ok(_) => {}
                 }
                 let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
-                if let Some(addrs) = listen_addrs(&line)
+                let addrs = listen_addrs(&line);
+                // Kept before the start is reported, so `lines()` has the listen line once
+                // `start` returns.
+                sink.lock().unwrap().push(line);
+                if let Some(addrs) = addrs
                     && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(addrs);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let mut gateway = Self {
